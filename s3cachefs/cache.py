@@ -1,0 +1,362 @@
+"""Cache files on disk: fetch, write staging, upload-and-commit, eviction.
+
+Layout of the cache directory:
+    index.sqlite        the index (index.py)
+    data/XX/<ino>       complete copies of objects (XX = ino % 256, to keep directories small)
+    tmp/                downloads and write staging files in progress; emptied at every mount
+    lock                flock()ed by the running instance
+
+Cache state machine of a file row (index.State), and who moves it:
+
+            fetch: GET -> tmp/get-* -> fsync -> verify -> rename to data/ -> commit row
+    REMOTE ─────────────────────────────────────────────────────────────────────────▶ CACHED
+      ▲ ▲  ◀──────────── evict (LRU over cap, or max-age; never if open or written) ──── │
+      │ │                                                                               │ open for write
+      │ └── last release after a failed upload (an older S3 version exists) ─┐            ▼
+      │                                                                     WRITING ◀───┘
+      └─────── listing sees a different ETag (object replaced behind our back)  │  ▲ create
+                                                                             │  │
+      CACHED ◀──── flush/fsync: PUT (Content-MD5) ok -> rename staging to data/ ┘  │
+      (row removed) ◀── last release after a failed upload, no older S3 version ───┘
+
+What survives a crash (kill -9, power loss):
+- CACHED is written to the index only after the data file was fsynced and renamed into place, and a
+  CACHED row whose file is missing or has the wrong length is demoted to REMOTE on open. So a torn or
+  wiped cache file is never served; it is fetched again.
+- WRITING rows found at mount belong to writes whose close() never returned success: the row reverts
+  to the S3 version it had (REMOTE) or is removed if there was none. The staging files in tmp/ are
+  deleted. Nothing was ever PUT for them, so S3 holds no partial object.
+
+Invariants the tests check: an acknowledged write is in S3 before close() returns; cached bytes equal
+the S3 object; cached bytes stay under the cap except for files that are open; eviction never touches an
+open or written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .index import Index, Node, State
+from .s3 import S3
+
+log = logging.getLogger(__name__)
+
+# When the cap is hit, evict down to this fraction of it, so eviction runs in batches rather than on
+# every single fill.
+LOW_WATERMARK = 0.9
+
+
+@dataclass(eq=False)
+class Writer:
+    """The one local staging file of a file being written, shared by all its write handles."""
+
+    ino: int
+    path: str
+    fd: int
+    # The S3 version before this write began, to go back to if the upload fails (None: none existed).
+    prev: tuple[int, str] | None
+    handles: int = 0
+    dirty: bool = True
+    committed: bool = False
+    unlinked: bool = False
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class Cache:
+    def __init__(
+        self,
+        root: Path,
+        index: Index,
+        s3: S3,
+        prefix: str,
+        cap: int,
+        max_age: float | None,
+        limiter: trio.CapacityLimiter,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.root = root
+        self.data_dir = root / "data"
+        self.tmp_dir = root / "tmp"
+        self.index = index
+        self.s3 = s3
+        self.prefix = prefix
+        self.cap = cap
+        self.max_age = max_age
+        self.limiter = limiter
+        self.clock = clock
+        self.pins: Counter[int] = Counter()  # open handles per inode: never evicted while > 0
+        self.writers: dict[int, Writer] = {}
+        self._fetching: dict[int, trio.Event] = {}
+        self.listing_gen = 0  # set by Namespace: rows we commit count as seen by the current listing
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.cached_bytes = index.cached_bytes()
+        self.stats: Counter[str] = Counter()
+
+    # -- start-up -----------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Undo what a crash left: staging and download files, and rows of writes never acknowledged."""
+        for p in self.tmp_dir.iterdir():
+            p.unlink(missing_ok=True)
+        for node in self.index.writing():
+            if node.etag is None:
+                log.info("dropping %s: its write never completed", self.index.relpath(node.ino))
+                self.index.remove(node.ino)
+            else:
+                self.index.set_state(node.ino, State.REMOTE)
+            self._unlink_data(node.ino)
+
+    # -- paths --------------------------------------------------------------------------------------
+
+    def data_path(self, ino: int) -> str:
+        return f"{self.data_dir}/{ino % 256:02x}/{ino}"
+
+    def key(self, ino: int) -> str:
+        return self.prefix + self.index.relpath(ino)
+
+    def _unlink_data(self, ino: int) -> None:
+        _unlink_quiet(self.data_path(ino))
+
+    def _tmp(self, kind: str, ino: int) -> str:
+        return f"{self.tmp_dir}/{kind}-{ino}-{secrets.token_hex(4)}"
+
+    def _place(self, src: str, ino: int) -> str:
+        dst = self.data_path(ino)
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            # data/XX was removed (someone wiped the cache directory under us): make it again.
+            os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+            os.rename(src, dst)
+        return dst
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    def open_cached(self, node: Node) -> int | None:
+        """An fd on the complete cached copy, or None if there is none (then the row becomes REMOTE)."""
+        if node.state != State.CACHED:
+            return None
+        try:
+            fd = os.open(self.data_path(node.ino), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._demote(node)
+            return None
+        if os.fstat(fd).st_size != node.size:
+            os.close(fd)
+            log.warning(
+                "cached copy of %s has the wrong length; fetching it again", self.index.relpath(node.ino)
+            )
+            self._demote(node)
+            self._unlink_data(node.ino)
+            return None
+        self.stats["hits"] += 1
+        return fd
+
+    def _demote(self, node: Node) -> None:
+        self.index.set_state(node.ino, State.REMOTE)
+        self.cached_bytes -= node.size
+
+    async def fetch(self, ino: int) -> int:
+        """An fd on a complete local copy of the file's object, downloading it if needed.
+
+        Concurrent readers of the same cold file share one download.
+        """
+        while True:
+            node = self.index.get(ino)
+            if node is None:
+                raise FileNotFoundError(errno.ENOENT, "file was removed")
+            fd = self.open_cached(node)
+            if fd is not None:
+                return fd
+            ev = self._fetching.get(ino)
+            if ev is None:
+                break
+            await ev.wait()
+
+        ev = self._fetching[ino] = trio.Event()
+        tmp = self._tmp("get", ino)
+        try:
+            self.stats["misses"] += 1
+            info = await self.s3.get_to_file(self.key(ino), tmp, expected_size=node.size)
+            # The awaits above let other requests run: re-read the row before trusting it.
+            cur = self.index.get(ino)
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            if cur is None or cur.state != State.REMOTE or ino in self.writers:
+                # Unlinked, or rewritten meanwhile: serve these bytes to this reader, cache nothing.
+                return fd
+            self.make_room(info.size)
+            self._place(tmp, ino)
+            self.index.set_object(ino, State.CACHED, info.size, info.etag, cur.mtime_ns, self.listing_gen)
+            self.cached_bytes += info.size
+            return fd
+        finally:
+            _unlink_quiet(tmp)
+            del self._fetching[ino]
+            ev.set()
+
+    # -- writes -------------------------------------------------------------------------------------
+
+    async def start_write(self, node: Node, truncate: bool) -> Writer:
+        """Open (or join) the staging file of `node`. Without truncate it starts as a copy of the file."""
+        w = self.writers.get(node.ino)
+        if w is not None:
+            if truncate:
+                os.ftruncate(w.fd, 0)
+                w.dirty = True
+            return w
+        path = self._tmp("put", node.ino)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if not truncate and node.state in (State.REMOTE, State.CACHED) and node.size > 0:
+                src = await self.fetch(node.ino)
+                try:
+                    await trio.to_thread.run_sync(_copy_fd, src, fd, limiter=self.limiter)
+                finally:
+                    os.close(src)
+                node = self.index.get(node.ino) or node
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        prev = (node.size, node.etag) if node.state in (State.REMOTE, State.CACHED) and node.etag else None
+        if node.state == State.CACHED:
+            self.cached_bytes -= node.size
+        self.index.set_state(node.ino, State.WRITING)
+        w = self.writers[node.ino] = Writer(node.ino, path, fd, prev, dirty=truncate or prev is None)
+        return w
+
+    def mark_dirty(self, w: Writer) -> None:
+        if not w.dirty:
+            w.dirty = True
+            if w.committed:
+                # Written again after an upload: the cached copy no longer matches S3.
+                node = self.index.get(w.ino)
+                if node is not None and node.state == State.CACHED:
+                    self.cached_bytes -= node.size
+                    self.index.set_state(w.ino, State.WRITING)
+
+    async def upload(self, w: Writer) -> None:
+        """Make S3 hold exactly the staging file's bytes; on return the write is durable."""
+        async with w.lock:
+            if not w.dirty or w.unlinked:
+                return
+            key = self.key(w.ino)
+            # Uploads read the file in worker threads; the size at this moment is what gets committed.
+            info = await self.s3.put_file(key, w.path)
+            if w.unlinked:
+                # Unlinked while the upload ran; unlink waits for this lock, then deletes the object.
+                return
+            node = self.index.get(w.ino)
+            assert node is not None, "a written file's row is only removed by unlink, which sets w.unlinked"
+            self.make_room(info.size)
+            w.path = self._place(w.path, w.ino)
+            self.index.set_object(w.ino, State.CACHED, info.size, info.etag, time.time_ns(), self.listing_gen)
+            self.cached_bytes += info.size
+            w.prev = (info.size, info.etag)
+            w.dirty = False
+            w.committed = True
+            self.stats["uploads"] += 1
+
+    def end_write(self, w: Writer) -> bool:
+        """Last write handle closed. Returns True if the row was removed (the write never reached S3)."""
+        del self.writers[w.ino]
+        os.close(w.fd)
+        removed = False
+        if not w.unlinked and (w.dirty or not w.committed):
+            # The upload failed (close() returned an error), or nothing was written: S3 still holds
+            # the previous version (or nothing), so the index goes back to saying exactly that.
+            if w.prev is None:
+                self.index.remove(w.ino)
+                removed = True
+            else:
+                size, etag = w.prev
+                node = self.index.get(w.ino)
+                mtime = node.mtime_ns if node else time.time_ns()
+                self.index.set_object(w.ino, State.REMOTE, size, etag, mtime, self.listing_gen)
+            if w.committed:
+                self._unlink_data(w.ino)
+        if not w.committed:
+            _unlink_quiet(w.path)
+        return removed
+
+    # -- removal and eviction -----------------------------------------------------------------------
+
+    def forget(self, node: Node) -> None:
+        """The file is gone from the namespace: drop its cached copy (open fds keep working)."""
+        if node.state == State.CACHED:
+            self.cached_bytes -= node.size
+        self._unlink_data(node.ino)
+        w = self.writers.get(node.ino)
+        if w is not None:
+            w.unlinked = True
+
+    def busy(self, ino: int) -> bool:
+        return self.pins[ino] > 0 or ino in self.writers or ino in self._fetching
+
+    def _evict(self, ino: int, size: int) -> None:
+        self._unlink_data(ino)
+        self.index.set_state(ino, State.REMOTE)
+        self.cached_bytes -= size
+        self.stats["evictions"] += 1
+
+    def make_room(self, incoming: int) -> None:
+        """Enforce the cap as data enters the cache: evict least recently used files, in one batch."""
+        if self.cached_bytes + incoming <= self.cap:
+            return
+        target = self.cap * LOW_WATERMARK - incoming
+        skipped = 0
+        while self.cached_bytes > target:
+            batch = self.index.lru(limit=256 + skipped)[skipped:]
+            if not batch:
+                # Everything left is open or being written; those may exceed the cap until released.
+                log.warning(
+                    "cache is over its cap (%d > %d bytes) with only open files left",
+                    self.cached_bytes,
+                    self.cap,
+                )
+                return
+            for ino, size in batch:
+                if self.busy(ino):
+                    skipped += 1
+                    continue
+                self._evict(ino, size)
+                if self.cached_bytes <= target:
+                    return
+
+    def evict_aged(self) -> int:
+        if self.max_age is None:
+            return 0
+        cutoff = int(self.clock() - self.max_age)
+        n = 0
+        for ino, size in self.index.lru(limit=10_000, older_than=cutoff):
+            if not self.busy(ino):
+                self._evict(ino, size)
+                n += 1
+        return n
+
+    def touch(self, ino: int) -> None:
+        self.index.touch(ino, int(self.clock()))
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    with os.fdopen(os.dup(src), "rb") as fin, os.fdopen(os.dup(dst), "wb") as fout:
+        fin.seek(0)
+        shutil.copyfileobj(fin, fout, 1024 * 1024)
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

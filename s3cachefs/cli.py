@@ -1,0 +1,125 @@
+"""Command line: arguments and config file -> Config; user errors -> one line and exit code 2.
+
+Exit codes: 0 after a clean unmount, 2 for bad usage or configuration (including a bucket that does not
+exist or credentials the server refuses), 1 for a runtime failure (S3 unreachable, mount failed, crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import Config, ConfigError, build_config, load_config_file
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: systemd's journal and a shell user both read it at a glance.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="s3cachefs", description="Mount an S3 bucket as a local directory with a disk cache.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    m = sub.add_parser(
+        "mount",
+        help="mount BUCKET at MOUNTPOINT",
+        description="Mount BUCKET at MOUNTPOINT. Flags override values from --config. "
+        "Secrets are never taken from the command line: use the config file or boto3's usual chain "
+        "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, instance roles).",
+    )
+    m.add_argument("bucket", nargs="?", help="bucket name (or `bucket` in the config file)")
+    m.add_argument("mountpoint", nargs="?", help="where to mount (or `mountpoint` in the config file)")
+    m.add_argument("--config", type=Path, help="TOML file; keys as in synapse-s3-storage-provider")
+    m.add_argument("--prefix", help="key prefix, concatenated to the relative path as is (no slash added)")
+    m.add_argument("--endpoint-url", dest="endpoint_url", help="S3 endpoint, e.g. http://127.0.0.1:8333")
+    m.add_argument("--region", dest="region_name", help="S3 region name")
+    m.add_argument("--storage-class", dest="storage_class")
+    m.add_argument("--cache-dir", dest="cache_dir", help="where cached files and the index live")
+    m.add_argument("--cache-size", dest="cache_size", help="cap on cached bytes, e.g. 50G (default 10G)")
+    m.add_argument(
+        "--cache-max-age", dest="cache_max_age", help="drop cached copies unused for this long, e.g. 30d"
+    )
+    m.add_argument("-f", "--foreground", action="store_true", default=None, help="do not daemonize")
+    m.add_argument(
+        "--allow-other",
+        dest="allow_other",
+        action="store_true",
+        default=None,
+        help="let other users (e.g. synapse) use the mount; always paired with default_permissions",
+    )
+    m.add_argument("--uid", type=int, help="owner shown for all files (default: owner of MOUNTPOINT)")
+    m.add_argument("--gid", type=int, help="group shown for all files (default: group of MOUNTPOINT)")
+    m.add_argument(
+        "--threadpool-size", dest="threadpool_size", type=int, help="S3 worker threads (default 40)"
+    )
+    m.add_argument("--max-pool-connections", dest="max_pool_connections", type=int)
+    m.add_argument("--connect-timeout", dest="connect_timeout", help="S3 connect timeout (default 5s)")
+    m.add_argument("--read-timeout", dest="read_timeout", help="S3 read timeout (default 30s)")
+    m.add_argument(
+        "--max-attempts", dest="max_attempts", type=int, help="attempts per S3 request (default 4)"
+    )
+    m.add_argument("--multipart-threshold", dest="multipart_threshold", help="default 16M")
+    m.add_argument("--multipart-chunksize", dest="multipart_chunksize", help="default 8M")
+    m.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING or ERROR")
+    m.add_argument("--log-file", dest="log_file", help="log here instead of stderr (daemon default: syslog)")
+    return p
+
+
+def config_from_args(argv: list[str]) -> tuple[str, Config]:
+    args = _parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        values.update(load_config_file(args.config))
+    positional = [v for v in (args.bucket, args.mountpoint) if v is not None]
+    if len(positional) == 2:
+        values["bucket"], values["mountpoint"] = positional
+    elif len(positional) == 1:
+        # One positional is the mount point; the bucket must then come from the config file.
+        values["mountpoint"] = positional[0]
+    flags = vars(args)
+    for name in (
+        "prefix",
+        "endpoint_url",
+        "region_name",
+        "storage_class",
+        "cache_dir",
+        "cache_size",
+        "cache_max_age",
+        "foreground",
+        "allow_other",
+        "uid",
+        "gid",
+        "threadpool_size",
+        "max_pool_connections",
+        "connect_timeout",
+        "read_timeout",
+        "max_attempts",
+        "multipart_threshold",
+        "multipart_chunksize",
+        "log_level",
+        "log_file",
+    ):
+        if flags.get(name) is not None:
+            values[name] = flags[name]
+    return args.command, build_config(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        command, config = config_from_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"s3cachefs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    from .mount import run  # imported late: pyfuse3 and boto3 are slow to import for `--help`
+
+    assert command == "mount"
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Validated, frozen settings and the pure helpers that build them.
+
+Nothing here touches the network or the mount; the only I/O is reading a TOML file the user named.
+Every problem becomes a ConfigError whose message is one line meant for a human: the CLI prints it
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad option, config value or config file. The message is shown to the user as is."""
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1024,
+    "KB": 1000,
+    "KIB": 1024,
+    "M": 1024**2,
+    "MB": 1000**2,
+    "MIB": 1024**2,
+    "G": 1024**3,
+    "GB": 1000**3,
+    "GIB": 1024**3,
+    "T": 1024**4,
+    "TB": 1000**4,
+    "TIB": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """'50G' -> 53687091200. Bare K/M/G/T are binary (as in rclone and du); KB/MB/GB are decimal."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a size such as 50G, got {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"{what}: must not be negative, got {text}")
+        return text
+    m = _SIZE_RE.match(str(text))
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ConfigError(f"{what}: expected a size such as 512M, 50G or 1T, got {text!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+
+
+def parse_duration(text: str | int | float, what: str = "duration") -> float:
+    """'30d' -> 2592000.0 seconds; '1h30m' works too; a bare number is seconds."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a duration such as 30d, got {text!r}")
+    if isinstance(text, int | float):
+        if text < 0:
+            raise ConfigError(f"{what}: must not be negative, got {text}")
+        return float(text)
+    s = str(text).strip().lower()
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not s or pos != len(s):
+        raise ConfigError(f"{what}: expected a duration such as 90s, 12h or 30d, got {text!r}")
+    return total
+
+
+def s3_key(prefix: str, relpath: str) -> str:
+    """The object key for a path relative to the mount root.
+
+    Plain concatenation, exactly as synapse-s3-storage-provider does it (`prefix + path`, no slash
+    inserted), so that a bucket written by the provider mounts as is.
+    """
+    return prefix + relpath
+
+
+STORAGE_CLASSES = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING")
+
+
+@dataclass(frozen=True)
+class S3Options:
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = dataclasses.field(default=None, repr=False)
+    session_token: str | None = dataclasses.field(default=None, repr=False)
+    sse_customer_key: str | None = dataclasses.field(default=None, repr=False)
+    sse_customer_algo: str = "AES256"
+    storage_class: str = "STANDARD"
+    # Worker threads that run boto3 calls (the provider's name for it, and its default).
+    threadpool_size: int = 40
+    # botocore's own default (10) is smaller than the thread pool and makes it warn and reconnect
+    # (synapse-s3-storage-provider#117); None means "as many as threadpool_size".
+    max_pool_connections: int | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    # Total attempts per request, first try included (botocore "standard" retry mode).
+    max_attempts: int = 4
+    multipart_threshold: int = 16 * 1024**2
+    multipart_chunksize: int = 8 * 1024**2
+
+    @property
+    def pool_connections(self) -> int:
+        return self.max_pool_connections or self.threadpool_size
+
+
+@dataclass(frozen=True)
+class Config:
+    s3: S3Options
+    mountpoint: Path
+    cache_dir: Path
+    cache_size: int = 10 * 1024**3
+    # Seconds since last access after which a cached copy is dropped; None keeps it until space is needed.
+    cache_max_age: float | None = None
+    foreground: bool = False
+    allow_other: bool = False
+    uid: int | None = None
+    gid: int | None = None
+    log_level: str = "INFO"
+    log_file: Path | None = None
+
+    def key(self, relpath: str) -> str:
+        return s3_key(self.s3.prefix, relpath)
+
+
+# Config-file keys. The S3 ones follow synapse-s3-storage-provider's names so a provider block can be
+# copied over; the rest are ours and mirror the command-line flags (with underscores).
+S3_FILE_KEYS = (
+    "bucket",
+    "prefix",
+    "endpoint_url",
+    "region_name",
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "sse_customer_key",
+    "sse_customer_algo",
+    "storage_class",
+    "threadpool_size",
+    "max_pool_connections",
+    "connect_timeout",
+    "read_timeout",
+    "max_attempts",
+    "multipart_threshold",
+    "multipart_chunksize",
+)
+MOUNT_FILE_KEYS = (
+    "mountpoint",
+    "cache_dir",
+    "cache_size",
+    "cache_max_age",
+    "allow_other",
+    "uid",
+    "gid",
+    "log_level",
+    "log_file",
+)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path}: permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    unknown = sorted(set(data) - set(S3_FILE_KEYS) - set(MOUNT_FILE_KEYS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
+    return data
+
+
+def default_cache_dir(bucket: str) -> Path:
+    if os.geteuid() == 0:
+        base = Path("/var/cache/s3cachefs")
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s3cachefs"
+    return base / bucket
+
+
+def _str(values: Mapping[str, Any], name: str) -> str | None:
+    v = values.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise ConfigError(f"{name}: expected a string, got {v!r}")
+    return v
+
+
+def _int(values: Mapping[str, Any], name: str, minimum: int) -> int | None:
+    v = values.get(name)
+    if v is None:
+        return None
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ConfigError(f"{name}: expected a whole number, got {v!r}")
+    if v < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {v}")
+    return v
+
+
+def _bool(values: Mapping[str, Any], name: str) -> bool | None:
+    v = values.get(name)
+    if v is None or isinstance(v, bool):
+        return v
+    raise ConfigError(f"{name}: expected true or false, got {v!r}")
+
+
+def _seconds(values: Mapping[str, Any], name: str, positive: bool) -> float | None:
+    v = values.get(name)
+    if v is None:
+        return None
+    secs = parse_duration(v, name)
+    if positive and secs <= 0:
+        raise ConfigError(f"{name}: must be more than zero, got {v!r}")
+    return secs
+
+
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+
+
+def build_config(values: Mapping[str, Any]) -> Config:
+    """Validate merged settings (file values overridden by flags; None means "not given")."""
+    bucket = _str(values, "bucket")
+    if not bucket:
+        raise ConfigError("bucket: required (give it on the command line or as `bucket` in the config file)")
+    if not _BUCKET_RE.match(bucket):
+        raise ConfigError(f"bucket: not a valid bucket name: {bucket!r}")
+    mountpoint = _str(values, "mountpoint")
+    if not mountpoint:
+        raise ConfigError("mountpoint: required")
+
+    storage_class = (_str(values, "storage_class") or "STANDARD").upper()
+    if storage_class not in STORAGE_CLASSES:
+        raise ConfigError(
+            f"storage_class: must be one of {', '.join(STORAGE_CLASSES)}, got {storage_class!r}"
+        )
+    endpoint = _str(values, "endpoint_url")
+    if endpoint is not None and not re.match(r"^https?://[^/\s]+", endpoint):
+        raise ConfigError(
+            f"endpoint_url: expected http://host[:port] or https://host[:port], got {endpoint!r}"
+        )
+    sse_key = _str(values, "sse_customer_key")
+    sse_algo = _str(values, "sse_customer_algo") or "AES256"
+    if sse_algo != "AES256":
+        raise ConfigError(f"sse_customer_algo: only AES256 is supported by S3, got {sse_algo!r}")
+
+    s3_kwargs: dict[str, Any] = {
+        "bucket": bucket,
+        "prefix": _str(values, "prefix") or "",
+        "endpoint_url": endpoint,
+        "region_name": _str(values, "region_name"),
+        "access_key_id": _str(values, "access_key_id"),
+        "secret_access_key": _str(values, "secret_access_key"),
+        "session_token": _str(values, "session_token"),
+        "sse_customer_key": sse_key,
+        "sse_customer_algo": sse_algo,
+        "storage_class": storage_class,
+    }
+    for name, minimum in (("threadpool_size", 1), ("max_pool_connections", 1), ("max_attempts", 1)):
+        n = _int(values, name, minimum)
+        if n is not None:
+            s3_kwargs[name] = n
+    for name in ("connect_timeout", "read_timeout"):
+        secs = _seconds(values, name, positive=True)
+        if secs is not None:
+            s3_kwargs[name] = secs
+    for name in ("multipart_threshold", "multipart_chunksize"):
+        if values.get(name) is not None:
+            s3_kwargs[name] = parse_size(values[name], name)
+    s3 = S3Options(**s3_kwargs)
+    # S3 refuses parts under 5 MiB (except the last) and allows at most 10,000 parts.
+    if s3.multipart_chunksize < 5 * 1024**2:
+        raise ConfigError("multipart_chunksize: S3 needs parts of at least 5M")
+    if s3.multipart_threshold < s3.multipart_chunksize:
+        raise ConfigError("multipart_threshold: must be at least multipart_chunksize")
+
+    cache_dir_s = _str(values, "cache_dir")
+    cache_size = (
+        parse_size(values["cache_size"], "cache_size") if values.get("cache_size") is not None else None
+    )
+    if cache_size is not None and cache_size < 1024**2:
+        raise ConfigError(f"cache_size: must be at least 1M, got {values['cache_size']!r}")
+    max_age = _seconds(values, "cache_max_age", positive=True)
+    log_level = (_str(values, "log_level") or "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    log_file = _str(values, "log_file")
+
+    kwargs: dict[str, Any] = {
+        "s3": s3,
+        "mountpoint": Path(mountpoint).absolute(),
+        "cache_dir": Path(cache_dir_s).absolute() if cache_dir_s else default_cache_dir(bucket),
+        "cache_max_age": max_age,
+        "foreground": bool(_bool(values, "foreground")),
+        "allow_other": bool(_bool(values, "allow_other")),
+        "uid": _int(values, "uid", 0),
+        "gid": _int(values, "gid", 0),
+        "log_level": log_level,
+        "log_file": Path(log_file).absolute() if log_file else None,
+    }
+    if cache_size is not None:
+        kwargs["cache_size"] = cache_size
+    return Config(**kwargs)

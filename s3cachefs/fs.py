@@ -1,0 +1,399 @@
+"""pyfuse3 Operations: thin handlers over Namespace and Cache. The only module that raises FUSEError.
+
+Every handler goes through `_boundary`, the one table that turns our errors into errnos:
+  OSError(errno)          -> that errno (ENOENT, ENOTEMPTY, EEXIST, ... from namespace.py/cache.py)
+  s3.NotFound             -> ENOENT
+  s3.AccessDenied         -> EACCES
+  s3.Unavailable, s3.IntegrityError, other s3.S3Error -> EIO
+An unexpected exception is logged with its traceback and answered with EIO rather than allowed to end
+pyfuse3's main loop: a production homeserver keeps its media store over one bad request.
+
+Synapse calls lookup/getattr/open/close/unlink/rmdir on its single reactor thread, so those handlers
+avoid S3 round trips whenever the index can answer (see namespace.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from .cache import Cache, Writer
+from .index import Index, Node, State
+from .namespace import Namespace
+from .s3 import AccessDenied, NotFound, S3Error
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Media files are written once and changed only through this mount, which the kernel sees; long
+# kernel caching of names and attributes is therefore safe and saves a FUSE round trip per stat.
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
+
+
+def errno_for(e: BaseException) -> int:
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    if isinstance(e, NotFound):
+        return errno.ENOENT
+    if isinstance(e, AccessDenied):
+        return errno.EACCES
+    return errno.EIO
+
+
+def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (OSError, S3Error) as e:
+            code = errno_for(e)
+            level = (
+                logging.DEBUG if code in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY) else logging.WARNING
+            )
+            log.log(level, "%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass(eq=False)
+class _Handle:
+    ino: int
+    fd: int | None = None  # read fd on a complete local copy, opened lazily at the first read
+    writer: Writer | None = None
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self, index: Index, ns: Namespace, cache: Cache, uid: int, gid: int, limiter: trio.CapacityLimiter
+    ):
+        super().__init__()
+        self.index = index
+        self.ns = ns
+        self.cache = cache
+        self.uid = uid
+        self.gid = gid
+        self.limiter = limiter
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+
+    # -- attributes ---------------------------------------------------------------------------------
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        if node.is_dir:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.st_size = 0
+        else:
+            a.st_mode = stat.S_IFREG | 0o644
+            a.st_nlink = 1
+            w = self.cache.writers.get(node.ino)
+            a.st_size = os.fstat(w.fd).st_size if w is not None else node.size
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        return a
+
+    def _node(self, ino: int) -> Node:
+        node = self.index.get(ino)
+        if node is None:
+            raise OSError(errno.ENOENT, f"inode {ino}")
+        return node
+
+    def _orphan_attr(self, ino: int) -> pyfuse3.EntryAttributes | None:
+        """fstat() of a file that was unlinked while still open answers from its open handle."""
+        for h in self._handles.values():
+            if h.ino == ino:
+                fd = h.writer.fd if h.writer else h.fd
+                size = os.fstat(fd).st_size if fd is not None else 0
+                return self._attr(Node(ino, 0, b"", State.CACHED, size, None, time.time_ns(), 0, False))
+        return None
+
+    @_boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = await self.ns.lookup(parent_inode, name)
+        if node is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        return self._attr(node)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.index.get(inode)
+        if node is None:
+            orphan = self._orphan_attr(inode)
+            if orphan is not None:
+                return orphan
+            raise OSError(errno.ENOENT, f"inode {inode}")
+        return self._attr(node)
+
+    @_boundary
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_size:
+            if node.is_dir:
+                raise OSError(errno.EISDIR, "truncate")
+            w = self.cache.writers.get(inode)
+            if w is not None:
+                os.ftruncate(w.fd, attr.st_size)
+                self.cache.mark_dirty(w)
+            else:
+                # truncate(path) with no open file: that is a complete write of its own, so it is
+                # uploaded before we answer, like a close().
+                w = await self.cache.start_write(node, truncate=attr.st_size == 0)
+                w.handles += 1
+                try:
+                    os.ftruncate(w.fd, attr.st_size)
+                    self.cache.mark_dirty(w)
+                    await self.cache.upload(w)
+                finally:
+                    w.handles -= 1
+                    if w.handles == 0:
+                        await self._end_write(w, node)
+        if fields.update_mtime:
+            self.index.set_mtime(inode, attr.st_mtime_ns)
+        # Mode and owner are mount-wide (--uid/--gid); chmod/chown succeed without being stored, as
+        # on other S3 mounts, so that cp -p and rsync -a do not fail on them.
+        return self._attr(self._node(inode))
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        count, used = self.index.total_bytes()
+        bsize = 4096
+        # S3 has no capacity limit; report a large size so that df and free-space checks stay calm.
+        total = max(2**50, 2 * used)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = bsize
+        s.f_blocks = total // bsize
+        s.f_bfree = s.f_bavail = (total - used) // bsize
+        s.f_files = max(2**32, 2 * count)
+        s.f_ffree = s.f_favail = s.f_files - count
+        s.f_namemax = 255
+        return s
+
+    # -- directories --------------------------------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.ns.dir_node(inode)
+        await self.ns.ensure_listed(inode)
+        return inode
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Entries come in inode order and start_id is the last inode returned, so a directory that
+        # changes between calls neither repeats nor skips the entries that stay.
+        after = start_id
+        while True:
+            batch = self.index.children(fh, after_ino=after, limit=256)
+            if not batch:
+                return
+            for node in batch:
+                if not pyfuse3.readdir_reply(token, node.name, self._attr(node), node.ino):
+                    return
+                after = node.ino
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._attr(await self.ns.mkdir(parent_inode, name))
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.ns.rmdir(parent_inode, name)
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.ns.unlink(parent_inode, name)
+
+    @_boundary
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        await self.ns.rename(
+            parent_inode_old,
+            name_old,
+            parent_inode_new,
+            name_new,
+            noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+        )
+
+    # -- files --------------------------------------------------------------------------------------
+
+    def _new_handle(self, h: _Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = h
+        self.cache.pins[h.ino] += 1
+        self.cache.touch(h.ino)
+        return fh
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise OSError(errno.EBADF, f"file handle {fh}")
+        return h
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "open")
+        h = _Handle(inode)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if writing:
+            h.writer = await self.cache.start_write(node, truncate=bool(flags & os.O_TRUNC))
+            h.writer.handles += 1
+        else:
+            # No download here: Synapse opens remote media and closes it unread when a client's
+            # cached copy is still valid (HTTP 304); the first read() fetches.
+            h.fd = self.cache.open_cached(node)
+        fh = self._new_handle(h)
+        # Keep the kernel's page cache across read-only opens: every change to a file goes through
+        # this mount (and so through the kernel), and a write-open below drops it.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not writing)
+
+    @_boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = await self.ns.lookup(parent_inode, name)
+        if node is not None:
+            if flags & os.O_EXCL:
+                raise OSError(errno.EEXIST, "create")
+            if node.is_dir:
+                raise OSError(errno.EISDIR, "create")
+        else:
+            if len(name) > 255:
+                raise OSError(errno.ENAMETOOLONG, "create")
+            self.ns.dir_node(parent_inode)
+            # Nothing goes to S3 here (no 0-byte placeholder): the object appears at close().
+            node = self.index.add_file(
+                parent_inode, name, State.WRITING, 0, None, time.time_ns(), self.cache.listing_gen
+            )
+            self.ns.negative.pop(self.index.relpath(node.ino), None)
+        h = _Handle(node.ino)
+        h.writer = await self.cache.start_write(node, truncate=True)
+        h.writer.handles += 1
+        fh = self._new_handle(h)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attr(node)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        w = self.cache.writers.get(h.ino)
+        if w is not None:
+            return os.pread(w.fd, size, off)
+        if h.fd is None:
+            h.fd = await self.cache.fetch(h.ino)
+        # Local disk (usually the page cache): cheaper inline than a thread hop per 128 KiB read.
+        return os.pread(h.fd, size, off)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        if h.writer is None:
+            raise OSError(errno.EBADF, "file not open for writing")
+        n = os.pwrite(h.writer.fd, buf, off)
+        self.cache.mark_dirty(h.writer)
+        return n
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        # close(): the only place the writer can still be told that its data did not make it.
+        h = self._handle(fh)
+        if h.writer is not None:
+            await self.cache.upload(h.writer)
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handle(fh)
+        if h.writer is not None:
+            await self.cache.upload(h.writer)
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        self.cache.pins[h.ino] -= 1
+        if self.cache.pins[h.ino] <= 0:
+            del self.cache.pins[h.ino]
+        if h.fd is not None:
+            os.close(h.fd)
+        if h.writer is not None:
+            h.writer.handles -= 1
+            if h.writer.handles == 0:
+                await self._end_write(h.writer, self.index.get(h.ino))
+
+    async def _end_write(self, w: Writer, node: Node | None) -> None:
+        reverted = w.dirty and not w.unlinked
+        removed = self.cache.end_write(w)
+        if reverted:
+            # The kernel may still hold the bytes and size of the write that failed; S3 does not.
+            await trio.to_thread.run_sync(_invalidate, w.ino, node if removed else None, limiter=self.limiter)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Inode numbers are row ids in the persistent index and stay valid; nothing to free.
+        return None
+
+
+def _invalidate(ino: int, removed: Node | None) -> None:
+    try:
+        if removed is not None and removed.parent:
+            pyfuse3.invalidate_entry(removed.parent, removed.name)
+        pyfuse3.invalidate_inode(ino)
+    except OSError as e:
+        # ENOENT: the kernel had already forgotten it, which is all we wanted.
+        if e.errno != errno.ENOENT:
+            log.debug("invalidating inode %d: %s", ino, e)

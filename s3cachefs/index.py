@@ -1,0 +1,263 @@
+"""The persistent namespace and cache index (SQLite, in the cache directory).
+
+One row per file or directory. The inode number is the row id, so inode numbers are stable for the
+life of the entry and across restarts (shutil.rmtree compares lstat and fstat inode numbers).
+
+All calls are synchronous on purpose (as in s3ql): code between two `await`s is atomic under trio, so
+the index needs no lock. Whoever adds an `await` between reading a row and writing it back must
+re-check that the row is still what it read.
+
+Directories carry a `complete` flag: once a directory's children were listed from S3 (or it was made
+by us), the index is authoritative for it, and a lookup miss there is a plain ENOENT with no S3
+request. Files carry the cache state (see cache.py for the state machine) and `seen`, the number of
+the last full listing that saw the object (used to drop entries for objects deleted behind our back).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+NAME_MAX = 255
+
+
+class State(IntEnum):
+    """Cache state of a file row (directories are always DIR)."""
+
+    DIR = 0
+    REMOTE = 1  # in S3; no trusted local copy
+    CACHED = 2  # in S3, and data/<ino> is a complete, verified copy of exactly that object
+    WRITING = 3  # being written; size/etag describe the S3 version (if any) until the upload commits
+
+
+@dataclass(frozen=True)
+class Node:
+    ino: int
+    parent: int
+    name: bytes
+    state: State
+    size: int
+    etag: str | None
+    mtime_ns: int
+    atime: int
+    complete: bool
+
+    @property
+    def is_dir(self) -> bool:
+        return self.state == State.DIR
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes(
+    ino INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    state INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    etag TEXT,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    atime INTEGER NOT NULL DEFAULT 0,
+    complete INTEGER NOT NULL DEFAULT 0,
+    seen INTEGER NOT NULL DEFAULT 0,
+    UNIQUE(parent, name)
+);
+CREATE INDEX IF NOT EXISTS nodes_lru ON nodes(state, atime);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tombstones(relpath BLOB PRIMARY KEY);
+"""
+
+_COLS = "ino, parent, name, state, size, etag, mtime_ns, atime, complete"
+
+
+def _node(row: tuple[int, int, bytes, int, int, str | None, int, int, int]) -> Node:
+    return Node(row[0], row[1], bytes(row[2]), State(row[3]), row[4], row[5], row[6], row[7], bool(row[8]))
+
+
+def split_key_path(relpath: str) -> list[bytes] | None:
+    """Components of a relative path taken from an object key, or None if it cannot be shown safely.
+
+    Keys that would need '.'/'..', empty components (from '//' or a leading '/'), names longer than
+    NAME_MAX bytes or NUL bytes are hidden rather than mangled: mangling could make two keys collide or
+    let a path escape the mount.
+    """
+    if not relpath or relpath.endswith("/"):
+        return None
+    parts = [p.encode("utf-8", "surrogateescape") for p in relpath.split("/")]
+    for p in parts:
+        if p in (b"", b".", b"..") or len(p) > NAME_MAX or b"\0" in p:
+            return None
+    return parts
+
+
+class Index:
+    def __init__(self, path: Path):
+        self.path = path
+        # isolation_level=None: we manage transactions ourselves (BEGIN for the batched listing).
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a power loss may forget the last transactions but never corrupts the file.
+        # Nothing we lose that way can cause wrong bytes: CACHED is only ever set after the data file
+        # was fsynced and renamed, and a forgotten row is found again by the next listing.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        now = int(time.time())
+        self.db.execute(
+            "INSERT OR IGNORE INTO nodes(ino, parent, name, state, mtime_ns, complete) VALUES (?, 0, x'', ?, ?, 0)",
+            (ROOT_INO, int(State.DIR), now * 10**9),
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- meta -----------------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- lookups --------------------------------------------------------------------------------------
+
+    def get(self, ino: int) -> Node | None:
+        row = self.db.execute(f"SELECT {_COLS} FROM nodes WHERE ino=?", (ino,)).fetchone()
+        return None if row is None else _node(row)
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        row = self.db.execute(
+            f"SELECT {_COLS} FROM nodes WHERE parent=? AND name=?", (parent, name)
+        ).fetchone()
+        return None if row is None else _node(row)
+
+    def children(self, parent: int, after_ino: int = 0, limit: int = 1000) -> list[Node]:
+        rows = self.db.execute(
+            f"SELECT {_COLS} FROM nodes WHERE parent=? AND ino>? ORDER BY ino LIMIT ?",
+            (parent, after_ino, limit),
+        ).fetchall()
+        return [_node(r) for r in rows]
+
+    def has_children(self, parent: int) -> bool:
+        return self.db.execute("SELECT 1 FROM nodes WHERE parent=? LIMIT 1", (parent,)).fetchone() is not None
+
+    def relpath(self, ino: int) -> str:
+        """Path relative to the mount root, as used in object keys ('' for the root)."""
+        parts: list[bytes] = []
+        while ino != ROOT_INO:
+            row = self.db.execute("SELECT parent, name FROM nodes WHERE ino=?", (ino,)).fetchone()
+            if row is None:
+                raise KeyError(ino)
+            parts.append(bytes(row[1]))
+            ino = row[0]
+        return b"/".join(reversed(parts)).decode("utf-8", "surrogateescape")
+
+    # -- changes --------------------------------------------------------------------------------------
+
+    def add_dir(self, parent: int, name: bytes, complete: bool) -> Node:
+        now = time.time_ns()
+        cur = self.db.execute(
+            "INSERT INTO nodes(parent, name, state, mtime_ns, complete) VALUES (?, ?, ?, ?, ?)",
+            (parent, name, int(State.DIR), now, int(complete)),
+        )
+        assert cur.lastrowid is not None
+        return Node(cur.lastrowid, parent, name, State.DIR, 0, None, now, 0, complete)
+
+    def add_file(
+        self, parent: int, name: bytes, state: State, size: int, etag: str | None, mtime_ns: int, seen: int
+    ) -> Node:
+        cur = self.db.execute(
+            "INSERT INTO nodes(parent, name, state, size, etag, mtime_ns, atime, seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (parent, name, int(state), size, etag, mtime_ns, int(time.time()), seen),
+        )
+        assert cur.lastrowid is not None
+        return self.get(cur.lastrowid)  # type: ignore[return-value]
+
+    def set_state(self, ino: int, state: State) -> None:
+        self.db.execute("UPDATE nodes SET state=? WHERE ino=?", (int(state), ino))
+
+    def set_object(
+        self, ino: int, state: State, size: int, etag: str | None, mtime_ns: int, seen: int
+    ) -> None:
+        self.db.execute(
+            "UPDATE nodes SET state=?, size=?, etag=?, mtime_ns=?, seen=? WHERE ino=?",
+            (int(state), size, etag, mtime_ns, seen, ino),
+        )
+
+    def set_mtime(self, ino: int, mtime_ns: int) -> None:
+        self.db.execute("UPDATE nodes SET mtime_ns=? WHERE ino=?", (mtime_ns, ino))
+
+    def set_complete(self, ino: int) -> None:
+        self.db.execute("UPDATE nodes SET complete=1 WHERE ino=?", (ino,))
+
+    def touch(self, ino: int, now: int) -> None:
+        self.db.execute("UPDATE nodes SET atime=? WHERE ino=?", (now, ino))
+
+    def move(self, ino: int, parent: int, name: bytes) -> None:
+        self.db.execute("UPDATE nodes SET parent=?, name=? WHERE ino=?", (parent, name, ino))
+
+    def remove(self, ino: int) -> None:
+        self.db.execute("DELETE FROM nodes WHERE ino=?", (ino,))
+
+    # -- cache accounting -----------------------------------------------------------------------------
+
+    def cached_bytes(self) -> int:
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM nodes WHERE state=?", (int(State.CACHED),)
+        ).fetchone()
+        return int(row[0])
+
+    def total_bytes(self) -> tuple[int, int]:
+        row = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM nodes WHERE state!=?", (int(State.DIR),)
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def lru(self, limit: int, older_than: int | None = None) -> list[tuple[int, int]]:
+        """(ino, size) of cached files, least recently used first."""
+        if older_than is None:
+            q = "SELECT ino, size FROM nodes WHERE state=? ORDER BY atime LIMIT ?"
+            return [(r[0], r[1]) for r in self.db.execute(q, (int(State.CACHED), limit))]
+        q = "SELECT ino, size FROM nodes WHERE state=? AND atime<? ORDER BY atime LIMIT ?"
+        return [(r[0], r[1]) for r in self.db.execute(q, (int(State.CACHED), older_than, limit))]
+
+    def writing(self) -> list[Node]:
+        rows = self.db.execute(f"SELECT {_COLS} FROM nodes WHERE state=?", (int(State.WRITING),)).fetchall()
+        return [_node(r) for r in rows]
+
+    # -- reconciling with a listing ---------------------------------------------------------------
+
+    def tombstone(self, relpath: str) -> None:
+        """Remember a delete made while a listing runs, so a page fetched before it cannot revive it."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO tombstones(relpath) VALUES (?)",
+            (relpath.encode("utf-8", "surrogateescape"),),
+        )
+
+    def is_tombstoned(self, relpath: str) -> bool:
+        q = "SELECT 1 FROM tombstones WHERE relpath=?"
+        return self.db.execute(q, (relpath.encode("utf-8", "surrogateescape"),)).fetchone() is not None
+
+    def clear_tombstones(self) -> None:
+        self.db.execute("DELETE FROM tombstones")
+
+    def stale_files(self, gen: int) -> Iterator[Node]:
+        q = f"SELECT {_COLS} FROM nodes WHERE state IN (?, ?) AND seen<?"
+        for r in self.db.execute(q, (int(State.REMOTE), int(State.CACHED), gen)).fetchall():
+            yield _node(r)
+
+    def mark_all_dirs_complete(self) -> None:
+        self.db.execute("UPDATE nodes SET complete=1 WHERE state=?", (int(State.DIR),))
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")

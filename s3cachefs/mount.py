@@ -1,0 +1,257 @@
+"""The composition root: checks, builds the parts, mounts, runs them in one nursery, unmounts.
+
+Order matters and is chosen so that a mount never appears unless it can work:
+  1. mount point and cache directory are usable; the cache directory is locked (one instance each);
+  2. S3 answers for the bucket (exists, credentials accepted, listable) -- before anything is mounted;
+  3. the index is opened, checked to belong to this bucket and prefix, and crash leftovers are undone;
+  4. pyfuse3.init mounts; without --foreground we fork into the background only now, so the parent's
+     exit status tells whether the mount is up;
+  5. trio runs pyfuse3's main loop, the background listing and the age evictor in one nursery;
+     SIGTERM/SIGINT unmount cleanly (systemd stop), `fusermount3 -u` ends the loop as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .cache import Cache
+from .cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
+from .config import Config, ConfigError
+from .fs import Operations
+from .index import Index
+from .namespace import Namespace
+from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, make_client
+
+log = logging.getLogger(__name__)
+
+AGE_EVICTION_EVERY = 60.0
+
+
+class StartupError(Exception):
+    """A runtime failure before mounting (exit 1), e.g. S3 unreachable."""
+
+
+@dataclass
+class _Parts:
+    index: Index
+    cache: Cache
+    ns: Namespace
+    ops: Operations
+    limiter: trio.CapacityLimiter
+
+
+def _setup_logging(config: Config, daemon: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(config.log_level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    if config.log_file is not None:
+        handler = logging.FileHandler(config.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    elif daemon and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("s3cachefs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    # botocore logs request bodies and headers at DEBUG; keep its chatter (and any secret) out.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _check_mountpoint(path: Path) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            # A previous instance died without unmounting ("Transport endpoint is not connected").
+            log.warning("clearing a dead mount at %s", path)
+            subprocess.run(["fusermount3", "-uz", str(path)], check=False, capture_output=True)
+            st = os.stat(path)
+        elif e.errno == errno.ENOENT:
+            raise ConfigError(f"mount point {path}: does not exist") from None
+        else:
+            raise ConfigError(f"mount point {path}: {e.strerror}") from None
+    if not os.path.isdir(path):
+        raise ConfigError(f"mount point {path}: not a directory")
+    if os.path.ismount(path):
+        raise ConfigError(f"mount point {path}: something is already mounted there")
+    return st
+
+
+@contextlib.contextmanager
+def _locked_cache_dir(path: Path) -> Iterator[None]:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"cache dir {path}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ConfigError(f"cache dir {path}: in use by another s3cachefs (pid {other})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_identity(index: Index, config: Config) -> None:
+    ident = f"{config.s3.endpoint_url or 'aws'} {config.s3.bucket} {config.s3.prefix!r}"
+    have = index.get_meta("identity")
+    if have is None:
+        index.set_meta("identity", ident)
+    elif have != ident:
+        raise ConfigError(
+            f"cache dir {config.cache_dir}: holds the cache of {have}, not of {ident}; use another --cache-dir"
+        )
+
+
+def _check_s3(config: Config) -> None:
+    try:
+        S3(config.s3, trio.CapacityLimiter(1), make_client(config.s3)).check_access_sync()
+    except (NoSuchBucket, AccessDenied) as e:
+        raise ConfigError(str(e)) from None
+    except S3Error as e:
+        raise StartupError(f"cannot reach S3: {e}") from None
+
+
+def _build(config: Config, uid: int, gid: int) -> _Parts:
+    limiter = trio.CapacityLimiter(config.s3.threadpool_size)
+    index = Index(config.cache_dir / "index.sqlite")
+    _check_identity(index, config)
+    s3 = S3(config.s3, limiter)
+    cache = Cache(
+        config.cache_dir, index, s3, config.s3.prefix, config.cache_size, config.cache_max_age, limiter
+    )
+    cache.recover()
+    ns = Namespace(index, s3, cache, config.s3.prefix)
+    ops = Operations(index, ns, cache, uid, gid, limiter)
+    return _Parts(index, cache, ns, ops, limiter)
+
+
+def _sd_notify(message: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(EXIT_OK)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(EXIT_OK)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+async def _age_evictor(cache: Cache) -> None:
+    while True:
+        n = cache.evict_aged()
+        if n:
+            log.info("evicted %d cached files not used for %.0fs", n, cache.max_age or 0)
+        await trio.sleep(AGE_EVICTION_EVERY)
+
+
+async def _serve(parts: _Parts) -> bool:
+    """Run until unmounted. Returns True if we were asked to stop (and so must unmount ourselves)."""
+    stopped_by_signal = False
+
+    async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal stopped_by_signal
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("got %s: unmounting", signal.Signals(signum).name)
+                stopped_by_signal = True
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(on_signals)
+        nursery.start_soon(parts.ns.listing_task)
+        if parts.cache.max_age is not None:
+            nursery.start_soon(_age_evictor, parts.cache)
+        _sd_notify("READY=1")
+        await pyfuse3.main()
+        _sd_notify("STOPPING=1")
+        nursery.cancel_scope.cancel()
+    return stopped_by_signal
+
+
+def run(config: Config) -> int:
+    _setup_logging(config, daemon=False)
+    try:
+        st = _check_mountpoint(config.mountpoint)
+        with _locked_cache_dir(config.cache_dir):
+            _check_s3(config)
+            uid = st.st_uid if config.uid is None else config.uid
+            gid = st.st_gid if config.gid is None else config.gid
+            parts = _build(config, uid, gid)
+            options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+            options |= {f"fsname=s3cachefs:{config.s3.bucket}", "subtype=s3cachefs"}
+            if config.allow_other:
+                options.add("allow_other")
+            try:
+                pyfuse3.init(parts.ops, str(config.mountpoint), options)
+            except RuntimeError as e:
+                raise StartupError(f"mount at {config.mountpoint} failed: {e}") from None
+            log.info(
+                "mounted s3://%s/%s at %s (cache %s, cap %d bytes)",
+                config.s3.bucket,
+                config.s3.prefix,
+                config.mountpoint,
+                config.cache_dir,
+                config.cache_size,
+            )
+            if not config.foreground:
+                _daemonize()
+                _setup_logging(config, daemon=True)
+            unmount = True
+            try:
+                unmount = trio.run(_serve, parts)
+            except BaseException:
+                log.exception("s3cachefs stopped on an error")
+                pyfuse3.close(unmount=True)
+                parts.index.close()
+                return EXIT_RUNTIME
+            pyfuse3.close(unmount=unmount)
+            parts.index.close()
+            log.info("unmounted %s", config.mountpoint)
+            return EXIT_OK
+    except ConfigError as e:
+        print(f"s3cachefs: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as e:
+        print(f"s3cachefs: error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME

@@ -1,0 +1,329 @@
+"""The namespace: names -> index rows, kept in step with the bucket.
+
+Lookups of known names never touch S3. A miss in a directory whose listing is complete is a plain
+ENOENT. A miss elsewhere (a new cache, or a directory not listed yet) costs one HEAD (plus one LIST of
+at most one key when there is no such object, to see whether the name is a directory implied by
+deeper keys), and an answer of "missing" is remembered for a few seconds.
+
+A full listing runs in the background at every mount: it adds objects written by others, updates
+objects replaced behind our back, and drops rows of objects deleted behind our back.
+
+Errors are raised as OSError with an errno (or S3Error from s3.py); fs.py turns them into FUSEError.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+import cachetools
+import trio
+
+from .cache import Cache
+from .index import NAME_MAX, ROOT_INO, Index, Node, State, split_key_path
+from .s3 import S3, ObjectInfo, S3Error
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_TTL = 5.0
+
+
+def _err(code: int, what: str) -> OSError:
+    return OSError(code, f"{what}: {errno.errorcode.get(code, code)}")
+
+
+class Namespace:
+    def __init__(self, index: Index, s3: S3, cache: Cache, prefix: str):
+        self.index = index
+        self.s3 = s3
+        self.cache = cache
+        self.prefix = prefix
+        # Bounded: a flood of misses cannot grow memory.
+        self.negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=10_000, ttl=NEGATIVE_TTL)
+        self.listing_active = False
+        self.listed = trio.Event()  # set once a full listing has completed in this process
+        gen = int(index.get_meta("listed_gen") or 0)
+        cache.listing_gen = gen
+        self.skipped_keys = 0
+
+    def _rel(self, parent: int, name: bytes) -> str:
+        base = self.index.relpath(parent)
+        n = name.decode("utf-8", "surrogateescape")
+        return f"{base}/{n}" if base else n
+
+    # -- lookups ------------------------------------------------------------------------------------
+
+    def dir_node(self, ino: int) -> Node:
+        node = self.index.get(ino)
+        if node is None:
+            raise _err(errno.ENOENT, f"inode {ino}")
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR, f"inode {ino}")
+        return node
+
+    async def lookup(self, parent: int, name: bytes) -> Node | None:
+        node = self.index.lookup(parent, name)
+        if node is not None:
+            return node
+        pnode = self.dir_node(parent)
+        if pnode.complete or len(name) > NAME_MAX or name in (b".", b".."):
+            return None
+        rel = self._rel(parent, name)
+        if rel in self.negative:
+            return None
+        key = self.prefix + rel
+        info = await self.s3.head(key)
+        is_dir = info is None and await self.s3.has_prefix(key + "/")
+        # The awaits let other requests run: the name may have been created meanwhile.
+        node = self.index.lookup(parent, name)
+        if node is not None:
+            return node
+        if info is not None:
+            return self.index.add_file(
+                parent, name, State.REMOTE, info.size, info.etag, info.mtime_ns, self.cache.listing_gen
+            )
+        if is_dir:
+            return self.index.add_dir(parent, name, complete=False)
+        self.negative[rel] = True
+        return None
+
+    async def ensure_listed(self, ino: int) -> None:
+        """Make the index authoritative for the children of directory `ino` (one delimited LIST)."""
+        node = self.dir_node(ino)
+        if node.complete:
+            return
+        rel = self.index.relpath(ino)
+        dir_prefix = self.prefix + (rel + "/" if rel else "")
+        async for objs, prefixes in self.s3.list_pages(dir_prefix, delimiter="/"):
+            for p in prefixes:
+                name = p[len(dir_prefix) :].rstrip("/").encode("utf-8", "surrogateescape")
+                sane = name and name not in (b".", b"..") and len(name) <= NAME_MAX and b"/" not in name
+                if sane and self.index.lookup(ino, name) is None:
+                    self.index.add_dir(ino, name, complete=False)
+            for o in objs:
+                name = o.key[len(dir_prefix) :].encode("utf-8", "surrogateescape")
+                if split_key_path(o.key[len(dir_prefix) :]) is None or b"/" in name:
+                    continue
+                if self.index.lookup(ino, name) is None and not self.index.is_tombstoned(
+                    o.key[len(self.prefix) :]
+                ):
+                    self.index.add_file(
+                        ino, name, State.REMOTE, o.size, o.etag, o.mtime_ns, self.cache.listing_gen
+                    )
+        if self.index.get(ino) is not None:
+            self.index.set_complete(ino)
+
+    # -- the background listing ---------------------------------------------------------------------
+
+    async def full_listing(self) -> None:
+        """List the whole prefix once, page by page, and reconcile the index with it."""
+        gen = int(self.index.get_meta("listed_gen") or 0) + 1
+        self.cache.listing_gen = gen
+        self.listing_active = True
+        self.skipped_keys = 0
+        dirs: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=4096)
+        started = time.monotonic()
+        count = 0
+        try:
+            async for objs, _ in self.s3.list_pages(self.prefix):
+                # One transaction per page: 1000 rows per fsync instead of one each.
+                self.index.begin()
+                try:
+                    for o in objs:
+                        self._apply_listed(o, gen, dirs)
+                finally:
+                    self.index.commit()
+                count += len(objs)
+            dropped = 0
+            self.index.begin()
+            try:
+                for node in self.index.stale_files(gen):
+                    if self.cache.busy(node.ino):
+                        continue
+                    self.cache.forget(node)
+                    self.index.remove(node.ino)
+                    dropped += 1
+                self.index.mark_all_dirs_complete()
+                self.index.clear_tombstones()
+                self.index.set_meta("listed_gen", str(gen))
+            finally:
+                self.index.commit()
+        finally:
+            self.listing_active = False
+        self.listed.set()
+        log.info(
+            "listed %d objects in %.1fs (%d keys hidden as unsafe names, %d entries of deleted objects dropped)",
+            count,
+            time.monotonic() - started,
+            self.skipped_keys,
+            dropped,
+        )
+
+    async def listing_task(self, retry_every: float = 30.0) -> None:
+        """Run the full listing, retrying while S3 is unreachable (bounded by the mount's lifetime)."""
+        while True:
+            try:
+                await self.full_listing()
+                return
+            except S3Error as e:
+                log.warning("background listing failed (%s); retrying in %.0fs", e, retry_every)
+                await trio.sleep(retry_every)
+
+    def _apply_listed(self, o: ObjectInfo, gen: int, dirs: cachetools.LRUCache[str, int]) -> None:
+        if not o.key.startswith(self.prefix):
+            return
+        rel = o.key[len(self.prefix) :]
+        parts = split_key_path(rel)
+        if parts is None:
+            self.skipped_keys += 1
+            log.debug("hiding key %r: not a safe path", o.key)
+            return
+        parent = ROOT_INO
+        dir_rel = ""
+        for comp in parts[:-1]:
+            dir_rel = dir_rel + "/" + comp.decode("utf-8", "surrogateescape")
+            cached = dirs.get(dir_rel)
+            if cached is not None:
+                parent = cached
+                continue
+            node = self.index.lookup(parent, comp)
+            if node is None:
+                node = self.index.add_dir(parent, comp, complete=False)
+            elif not node.is_dir:
+                # A key that is both a file and a prefix ("a" and "a/b"): the file is shown, the keys
+                # below it are hidden.
+                self.skipped_keys += 1
+                return
+            parent = dirs[dir_rel] = node.ino
+        name = parts[-1]
+        node = self.index.lookup(parent, name)
+        if node is None:
+            if not self.index.is_tombstoned(rel):
+                self.index.add_file(parent, name, State.REMOTE, o.size, o.etag, o.mtime_ns, gen)
+            return
+        if node.is_dir:
+            self.skipped_keys += 1
+            return
+        if node.state == State.WRITING or self.cache.busy(node.ino):
+            self.index.set_object(node.ino, node.state, node.size, node.etag, node.mtime_ns, gen)
+            return
+        if node.etag != o.etag or node.size != o.size:
+            # Replaced behind our back: forget the old copy, serve the new object from now on.
+            self.cache.forget(node)
+            self.index.set_object(node.ino, State.REMOTE, o.size, o.etag, o.mtime_ns, gen)
+            return
+        self.index.set_object(node.ino, node.state, node.size, node.etag, node.mtime_ns, gen)
+
+    # -- changes ------------------------------------------------------------------------------------
+
+    async def mkdir(self, parent: int, name: bytes) -> Node:
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, "mkdir")
+        if await self.lookup(parent, name) is not None:
+            raise _err(errno.EEXIST, "mkdir")
+        # No marker object: the directory exists in the index until keys below it make it real in S3.
+        return self.index.add_dir(parent, name, complete=True)
+
+    def _gone(self, rel: str) -> None:
+        if self.listing_active:
+            self.index.tombstone(rel)
+        self.negative.pop(rel, None)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        node = await self.lookup(parent, name)
+        if node is None:
+            raise _err(errno.ENOENT, "unlink")
+        if node.is_dir:
+            raise _err(errno.EISDIR, "unlink")
+        rel = self.index.relpath(node.ino)
+        w = self.cache.writers.get(node.ino)
+        if w is not None:
+            # An upload in flight would re-create the object after our DELETE: let it finish first.
+            w.unlinked = True
+            async with w.lock:
+                pass
+        node = self.index.get(node.ino)
+        if node is None:
+            return
+        if node.etag is not None or node.state != State.WRITING:
+            await self.s3.delete(self.prefix + rel)
+        node = self.index.get(node.ino)
+        if node is None:
+            return
+        self.cache.forget(node)
+        self.index.remove(node.ino)
+        self._gone(rel)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        node = await self.lookup(parent, name)
+        if node is None:
+            raise _err(errno.ENOENT, "rmdir")
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR, "rmdir")
+        await self.ensure_listed(node.ino)
+        if self.index.has_children(node.ino):
+            raise _err(errno.ENOTEMPTY, "rmdir")
+        self.index.remove(node.ino)
+        self._gone(self._rel(parent, name))
+
+    async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, noreplace: bool) -> None:
+        src = await self.lookup(p_old, n_old)
+        if src is None:
+            raise _err(errno.ENOENT, "rename")
+        self.dir_node(p_new)
+        if len(n_new) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG, "rename")
+        dst = await self.lookup(p_new, n_new)
+        if dst is not None and dst.ino == src.ino:
+            return
+        if dst is not None and noreplace:
+            raise _err(errno.EEXIST, "rename")
+        if src.is_dir:
+            await self._rename_dir(src, dst, p_new, n_new)
+            return
+        if dst is not None and dst.is_dir:
+            raise _err(errno.EISDIR, "rename")
+        if src.state == State.WRITING or src.ino in self.cache.writers:
+            # Its bytes are not in S3 yet (or being changed); there is nothing consistent to copy.
+            raise _err(errno.EBUSY, "rename of a file open for writing")
+        if dst is not None and dst.ino in self.cache.writers:
+            raise _err(errno.EBUSY, "rename over a file open for writing")
+        src_rel = self.index.relpath(src.ino)
+        dst_rel = self._rel(p_new, n_new)
+        # S3 has no rename: copy then delete. A crash between the two leaves both names in S3 (never
+        # neither), and the next listing shows both.
+        info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel)
+        await self.s3.delete(self.prefix + src_rel)
+        src = self.index.get(src.ino)
+        if src is None:
+            return
+        dst = self.index.lookup(p_new, n_new)
+        if dst is not None:
+            self.cache.forget(dst)
+            self.index.remove(dst.ino)
+        self.index.move(src.ino, p_new, n_new)
+        self.index.set_object(src.ino, src.state, info.size, info.etag, src.mtime_ns, self.cache.listing_gen)
+        self._gone(src_rel)
+        self.negative.pop(dst_rel, None)
+
+    async def _rename_dir(self, src: Node, dst: Node | None, p_new: int, n_new: bytes) -> None:
+        await self.ensure_listed(src.ino)
+        if self.index.has_children(src.ino):
+            # Renaming a tree would be a copy of every object under it, not atomic and unbounded in
+            # time. EXDEV makes mv(1) and shutil.move fall back to copying, which is what it would be.
+            raise _err(errno.EXDEV, "rename of a non-empty directory")
+        ancestor = p_new
+        while ancestor != ROOT_INO:
+            if ancestor == src.ino:
+                raise _err(errno.EINVAL, "rename of a directory into itself")
+            a = self.index.get(ancestor)
+            ancestor = a.parent if a else ROOT_INO
+        if dst is not None:
+            if not dst.is_dir:
+                raise _err(errno.ENOTDIR, "rename")
+            await self.ensure_listed(dst.ino)
+            if self.index.has_children(dst.ino):
+                raise _err(errno.ENOTEMPTY, "rename")
+            self.index.remove(dst.ino)
+        self.index.move(src.ino, p_new, n_new)

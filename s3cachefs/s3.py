@@ -1,0 +1,362 @@
+"""boto3 behind trio worker threads: one client, one CapacityLimiter, errors turned into our own types.
+
+Every blocking call runs through `trio.to_thread.run_sync(..., limiter=self.limiter)`; the functions
+that run in threads touch no shared state (boto3 clients are thread-safe). Retries and timeouts are
+botocore's ("standard" mode, bounded attempts, connect/read timeouts), so a dead endpoint turns into
+`Unavailable` after a bounded time instead of hanging a FUSE request forever.
+
+Integrity: every PUT and every multipart part carries Content-MD5, so the server rejects a body that
+was damaged on the way; every GET is checked against the object's length and, where the ETag is a
+plain MD5 (single-part, no SSE-C), against its MD5 before the caller may treat it as complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import trio
+
+from .config import S3Options
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_READ_CHUNK = 1024 * 1024
+_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+
+
+class S3Error(Exception):
+    """Any failure talking to S3 that is not one of the more precise subclasses."""
+
+
+class NotFound(S3Error):
+    pass
+
+
+class NoSuchBucket(S3Error):
+    pass
+
+
+class AccessDenied(S3Error):
+    pass
+
+
+class Unavailable(S3Error):
+    """Could not reach S3, or it kept failing (timeouts, refused connections, 5xx) after retries."""
+
+
+class IntegrityError(S3Error):
+    """What arrived does not match what S3 says the object is (or the server rejected our digest)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    mtime_ns: int
+
+
+def _translate(e: Exception, what: str) -> S3Error:
+    if isinstance(e, botocore.exceptions.ClientError):
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        msg = f"{what}: {code or status} {err.get('Message', '')}".strip()
+        if code == "NoSuchBucket":
+            return NoSuchBucket(msg)
+        if code in ("404", "NoSuchKey", "NotFound") or status == 404:
+            return NotFound(msg)
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+            return AccessDenied(msg)
+        if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
+            return IntegrityError(msg)
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
+            return Unavailable(msg)
+        return S3Error(msg)
+    if isinstance(e, botocore.exceptions.NoCredentialsError):
+        return AccessDenied(f"{what}: no credentials found (config file or AWS_* environment)")
+    if isinstance(e, botocore.exceptions.BotoCoreError | OSError):
+        # Connection refused, DNS failure, connect/read timeouts, connection reset: after botocore's
+        # own retries these all mean "S3 is not reachable right now".
+        return Unavailable(f"{what}: {e}")
+    raise e
+
+
+def _mtime_ns(obj: dict[str, Any]) -> int:
+    lm = obj.get("LastModified")
+    return int(lm.timestamp() * 1e9) if lm is not None else 0
+
+
+def make_client(opts: S3Options) -> S3Client:
+    cfg = botocore.config.Config(
+        connect_timeout=opts.connect_timeout,
+        read_timeout=opts.read_timeout,
+        retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
+        max_pool_connections=opts.pool_connections,
+        # Content-MD5 is our integrity check on PUT; the newer flexible checksums are not implemented
+        # by every S3 server (Garage, older MinIO/Ceph), so send them only when an operation needs one.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = boto3.session.Session(
+        aws_access_key_id=opts.access_key_id,
+        aws_secret_access_key=opts.secret_access_key,
+        aws_session_token=opts.session_token,
+        region_name=opts.region_name,
+    )
+    return session.client("s3", endpoint_url=opts.endpoint_url, config=cfg)
+
+
+class S3:
+    def __init__(self, opts: S3Options, limiter: trio.CapacityLimiter, client: S3Client | None = None):
+        self.opts = opts
+        self.bucket = opts.bucket
+        self.limiter = limiter
+        self.client = client if client is not None else make_client(opts)
+        self._sse: dict[str, str] = {}
+        if opts.sse_customer_key:
+            self._sse = {
+                "SSECustomerKey": opts.sse_customer_key,
+                "SSECustomerAlgorithm": opts.sse_customer_algo,
+            }
+
+    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        def call() -> T:
+            try:
+                return fn()
+            except Exception as e:
+                raise _translate(e, what) from e
+
+        return await trio.to_thread.run_sync(call, limiter=self.limiter)
+
+    # -- checks -------------------------------------------------------------------------------------
+
+    def check_access_sync(self) -> None:
+        """Called before mounting (no trio yet): the bucket exists and we may list and read it."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.opts.prefix, MaxKeys=1)
+        except Exception as e:
+            err = _translate(e, f"bucket {self.bucket}")
+            if isinstance(err, NotFound):
+                err = NoSuchBucket(f"bucket {self.bucket}: does not exist")
+            raise err from e
+
+    # -- metadata -----------------------------------------------------------------------------------
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        def fn() -> ObjectInfo | None:
+            try:
+                r = self.client.head_object(Bucket=self.bucket, Key=key, **self._sse)  # type: ignore[arg-type]
+            except botocore.exceptions.ClientError as e:
+                if _translate(e, key).__class__ is NotFound:
+                    return None
+                raise
+            return ObjectInfo(key, int(r["ContentLength"]), r.get("ETag", ""), _mtime_ns(dict(r)))
+
+        return await self._run(f"HEAD {key}", fn)
+
+    async def has_prefix(self, prefix: str) -> bool:
+        """Is there at least one object under `prefix` (a directory implied by keys)?"""
+
+        def fn() -> bool:
+            r = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+            return bool(r.get("KeyCount", 0) or r.get("Contents") or r.get("CommonPrefixes"))
+
+        return await self._run(f"LIST {prefix}", fn)
+
+    async def list_pages(
+        self, prefix: str, delimiter: str | None = None
+    ) -> AsyncIterator[tuple[list[ObjectInfo], list[str]]]:
+        """Yield (objects, common prefixes) one page (up to 1000 keys) at a time, never all at once."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if delimiter:
+                kwargs["Delimiter"] = delimiter
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._run(f"LIST {prefix}", functools.partial(self.client.list_objects_v2, **kwargs))
+            objs = [
+                ObjectInfo(o["Key"], int(o.get("Size", 0)), o.get("ETag", ""), _mtime_ns(dict(o)))
+                for o in page.get("Contents", [])
+            ]
+            prefixes = [p["Prefix"] for p in page.get("CommonPrefixes", []) if "Prefix" in p]
+            yield objs, prefixes
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+            if not token:
+                return
+
+    # -- data ---------------------------------------------------------------------------------------
+
+    async def put_file(self, key: str, path: str) -> ObjectInfo:
+        """Upload the file at `path` to `key`; returns once S3 holds the complete object.
+
+        Below the multipart threshold: one PUT with Content-MD5. Above: a multipart upload whose parts
+        each carry Content-MD5; any failure aborts it, so no partial object can ever become visible.
+        """
+        size = os.stat(path).st_size
+        if size < self.opts.multipart_threshold:
+            return await self._run(f"PUT {key}", lambda: self._put_single(key, path))
+        return await self._put_multipart(key, path, size)
+
+    def _extra_put_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = dict(self._sse)
+        if self.opts.storage_class != "STANDARD":
+            args["StorageClass"] = self.opts.storage_class
+        return args
+
+    def _put_single(self, key: str, path: str) -> ObjectInfo:
+        with open(path, "rb") as f:
+            md5 = hashlib.md5()
+            size = 0
+            while chunk := f.read(_READ_CHUNK):
+                md5.update(chunk)
+                size += len(chunk)
+            f.seek(0)
+            # botocore rewinds a seekable body before each retry, so retries resend the same bytes.
+            r = self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=f,
+                ContentLength=size,
+                ContentMD5=base64.b64encode(md5.digest()).decode(),
+                **self._extra_put_args(),
+            )
+        return ObjectInfo(key, size, r.get("ETag", '"' + md5.hexdigest() + '"'), 0)
+
+    async def _put_multipart(self, key: str, path: str, size: int) -> ObjectInfo:
+        chunk = self.opts.multipart_chunksize
+        # S3 allows at most 10,000 parts: grow the part size for very large files.
+        while (size + chunk - 1) // chunk > 10_000:
+            chunk *= 2
+        created = await self._run(
+            f"CreateMultipartUpload {key}",
+            lambda: self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, **self._extra_put_args()
+            ),
+        )
+        upload_id = created["UploadId"]
+        nparts = (size + chunk - 1) // chunk
+        etags: list[str] = [""] * nparts
+
+        def upload_part(i: int) -> None:
+            with open(path, "rb") as f:
+                f.seek(i * chunk)
+                data = f.read(chunk)
+            r = self.client.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=i + 1,
+                Body=data,
+                ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode(),
+                **self._sse,  # type: ignore[arg-type]
+            )
+            etags[i] = r["ETag"]
+
+        # Parts go up in parallel, at most 4 per file so one large upload cannot take every thread
+        # (and, with 8 MiB parts, holds at most 32 MiB of memory).
+        part_limiter = trio.CapacityLimiter(4)
+
+        async def part_task(i: int) -> None:
+            async with part_limiter:
+                await self._run(f"UploadPart {key} #{i + 1}", lambda: upload_part(i))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(nparts):
+                    nursery.start_soon(part_task, i)
+            done = await self._run(
+                f"CompleteMultipartUpload {key}",
+                lambda: self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={
+                        "Parts": [{"ETag": e, "PartNumber": n + 1} for n, e in enumerate(etags)]
+                    },
+                ),
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._run(
+                        f"AbortMultipartUpload {key}",
+                        lambda: self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=key, UploadId=upload_id
+                        ),
+                    )
+                except S3Error as e:
+                    # The parts stay invisible (never a readable object); a bucket lifecycle rule for
+                    # incomplete uploads reclaims their space.
+                    log.warning("could not abort multipart upload of %s: %s", key, e)
+            raise
+        return ObjectInfo(key, size, done.get("ETag", ""), 0)
+
+    async def get_to_file(self, key: str, f_path: str, expected_size: int | None = None) -> ObjectInfo:
+        """Download `key` into the (new, empty) file `f_path`, fsync it, and verify it.
+
+        The caller renames it into place only after this returns, so a crash or error never leaves a
+        file that looks complete.
+        """
+
+        def fn() -> ObjectInfo:
+            r = self.client.get_object(Bucket=self.bucket, Key=key, **self._sse)  # type: ignore[arg-type]
+            length = int(r["ContentLength"])
+            etag = r.get("ETag", "")
+            md5 = hashlib.md5()
+            got = 0
+            body = r["Body"]
+            with open(f_path, "wb") as out:
+                while chunk := body.read(_READ_CHUNK):
+                    md5.update(chunk)
+                    out.write(chunk)
+                    got += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if got != length:
+                raise IntegrityError(f"GET {key}: got {got} bytes, S3 said {length}")
+            m = _MD5_ETAG.match(etag)
+            if m and not self._sse and m.group(1).lower() != md5.hexdigest():
+                raise IntegrityError(f"GET {key}: MD5 {md5.hexdigest()} does not match ETag {etag}")
+            return ObjectInfo(key, length, etag, _mtime_ns(dict(r)))
+
+        info = await self._run(f"GET {key}", fn)
+        if expected_size is not None and info.size != expected_size:
+            log.info("object %s changed size in S3 (%d -> %d)", key, expected_size, info.size)
+        return info
+
+    async def delete(self, key: str) -> None:
+        await self._run(f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
+
+    async def copy(self, src: str, dst: str) -> ObjectInfo:
+        """Server-side copy (boto3's managed copy switches to multipart copy above 5 GB)."""
+        extra = self._extra_put_args()
+        if self._sse:
+            extra["CopySourceSSECustomerKey"] = self._sse["SSECustomerKey"]
+            extra["CopySourceSSECustomerAlgorithm"] = self._sse["SSECustomerAlgorithm"]
+
+        def fn() -> ObjectInfo:
+            self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst, ExtraArgs=extra or None)
+            r = self.client.head_object(Bucket=self.bucket, Key=dst, **self._sse)  # type: ignore[arg-type]
+            return ObjectInfo(dst, int(r["ContentLength"]), r.get("ETag", ""), _mtime_ns(dict(r)))
+
+        return await self._run(f"COPY {src} -> {dst}", fn)
