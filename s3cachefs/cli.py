@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--prefix", help="key prefix, concatenated to the relative path as is (no slash added)")
     m.add_argument("--endpoint-url", dest="endpoint_url", help="S3 endpoint, e.g. http://127.0.0.1:8333")
     m.add_argument("--region", dest="region_name", help="S3 region name")
-    m.add_argument("--storage-class", dest="storage_class")
+    m.add_argument("--storage-class", dest="storage_class",
+                   help="STANDARD (default), REDUCED_REDUNDANCY, STANDARD_IA, ONEZONE_IA or INTELLIGENT_TIERING")
     m.add_argument("--cache-dir", dest="cache_dir", help="where cached files and the index live")
     m.add_argument("--cache-size", dest="cache_size", help="cap on cached bytes, e.g. 50G (default 10G)")
     m.add_argument(
@@ -57,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--threadpool-size", dest="threadpool_size", type=int, help="S3 worker threads (default 40)"
     )
-    m.add_argument("--max-pool-connections", dest="max_pool_connections", type=int)
+    m.add_argument("--max-pool-connections", dest="max_pool_connections", type=int,
+                   help="HTTP connections kept to S3 (default: --threadpool-size)")
     m.add_argument("--connect-timeout", dest="connect_timeout", help="S3 connect timeout (default 5s)")
     m.add_argument("--read-timeout", dest="read_timeout", help="S3 read timeout (default 30s)")
     m.add_argument(

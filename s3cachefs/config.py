@@ -8,6 +8,8 @@ and exits 2.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import os
 import re
 import tomllib
@@ -64,8 +66,8 @@ def parse_duration(text: str | int | float, what: str = "duration") -> float:
     if isinstance(text, bool):
         raise ConfigError(f"{what}: expected a duration such as 30d, got {text!r}")
     if isinstance(text, int | float):
-        if text < 0:
-            raise ConfigError(f"{what}: must not be negative, got {text}")
+        if not math.isfinite(text) or text < 0:
+            raise ConfigError(f"{what}: expected a finite, non-negative number of seconds, got {text}")
         return float(text)
     s = str(text).strip().lower()
     pos, total = 0, 0.0
@@ -191,17 +193,21 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def default_cache_dir(bucket: str) -> Path:
+def default_cache_dir(bucket: str, prefix: str = "") -> Path:
+    """One directory per bucket and prefix, so two mounts of one bucket never share (or fight over) one."""
     if os.geteuid() == 0:
         base = Path("/var/cache/s3cachefs")
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s3cachefs"
-    return base / bucket
+    if not prefix:
+        return base / bucket
+    return base / f"{bucket}-{hashlib.sha256(prefix.encode()).hexdigest()[:12]}"
 
 
 def _str(values: Mapping[str, Any], name: str) -> str | None:
     v = values.get(name)
-    if v is None:
+    if v is None or v == "":
+        # An empty value (`session_token = ""`) means "not set", as in the provider's YAML.
         return None
     if not isinstance(v, str):
         raise ConfigError(f"{name}: expected a string, got {v!r}")
@@ -212,7 +218,7 @@ def _int(values: Mapping[str, Any], name: str, minimum: int) -> int | None:
     v = values.get(name)
     if v is None:
         return None
-    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+    if isinstance(v, str) and re.fullmatch(r"\s*-?[0-9]+\s*", v):
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
         raise ConfigError(f"{name}: expected a whole number, got {v!r}")
@@ -312,7 +318,7 @@ def build_config(values: Mapping[str, Any]) -> Config:
     kwargs: dict[str, Any] = {
         "s3": s3,
         "mountpoint": Path(mountpoint).absolute(),
-        "cache_dir": Path(cache_dir_s).absolute() if cache_dir_s else default_cache_dir(bucket),
+        "cache_dir": Path(cache_dir_s).absolute() if cache_dir_s else default_cache_dir(bucket, s3.prefix),
         "cache_max_age": max_age,
         "foreground": bool(_bool(values, "foreground")),
         "allow_other": bool(_bool(values, "allow_other")),

@@ -131,8 +131,10 @@ def _check_identity(index: Index, config: Config) -> None:
 def _check_s3(config: Config) -> None:
     try:
         S3(config.s3, trio.CapacityLimiter(1), make_client(config.s3)).check_access_sync()
-    except (NoSuchBucket, AccessDenied) as e:
+    except NoSuchBucket as e:
         raise ConfigError(str(e)) from None
+    except AccessDenied as e:
+        raise ConfigError(f"access refused, check the credentials and the bucket policy ({e})") from None
     except S3Error as e:
         raise StartupError(f"cannot reach S3: {e}") from None
 
@@ -235,6 +237,8 @@ def run(config: Config) -> int:
                 config.cache_size,
             )
             if not config.foreground:
+                if config.log_file is None and not os.path.exists("/dev/log"):
+                    log.warning("no syslog socket (/dev/log): the daemon's logs are lost; use --log-file")
                 _daemonize()
                 _setup_logging(config, daemon=True)
             unmount = True
