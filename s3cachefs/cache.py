@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import secrets
@@ -48,7 +49,8 @@ from pathlib import Path
 
 import trio
 
-from .index import Index, Node, State
+from .config import DEFAULT_RANK, PathPolicy, policy_for
+from .index import IN_CACHE, Index, Node, State
 from .s3 import S3
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,33 @@ class Writer:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
+@dataclass(frozen=True)
+class Limits:
+    cap: int
+    # Free space to keep on the cache filesystem: bytes, or a fraction of its size when below 1.
+    min_free: float = 0.0
+    default_max_age: float | None = None
+    policies: tuple[PathPolicy, ...] = ()
+
+
+@dataclass(frozen=True)
+class Klass:
+    """What a path's policy means for its row: eviction rank, age limit, and whether it is uploaded."""
+
+    rank: int
+    max_age: int | None
+    local_only: bool
+
+    @property
+    def columns(self) -> tuple[int, int | None]:
+        return self.rank, self.max_age
+
+
+# Flush access times to the index when this many are pending (and at every eviction pass and every
+# housekeeping tick): one transaction for many reads instead of one disk write per open.
+ATIME_BATCH = 10_000
+
+
 class Cache:
     def __init__(
         self,
@@ -81,8 +110,7 @@ class Cache:
         index: Index,
         s3: S3,
         prefix: str,
-        cap: int,
-        max_age: float | None,
+        limits: Limits,
         limiter: trio.CapacityLimiter,
         clock: Callable[[], float] = time.time,
     ):
@@ -92,25 +120,55 @@ class Cache:
         self.index = index
         self.s3 = s3
         self.prefix = prefix
-        self.cap = cap
-        self.max_age = max_age
+        self.limits = limits
         self.limiter = limiter
         self.clock = clock
         self.pins: Counter[int] = Counter()  # open handles per inode: never evicted while > 0
         self.writers: dict[int, Writer] = {}
         self._fetching: dict[int, trio.Event] = {}
+        self._atimes: dict[int, int] = {}
+        self._last_warning = 0.0
         self.listing_gen = 0  # set by Namespace: rows we commit count as seen by the current listing
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.cached_bytes = index.cached_bytes()
         self.stats: Counter[str] = Counter()
+        self._stats_base: Counter[str] = Counter(json.loads(index.get_meta("stats") or "{}"))
+
+    # -- policy -------------------------------------------------------------------------------------
+
+    def klass(self, relpath: str) -> Klass:
+        p = policy_for(self.limits.policies, relpath)
+        if p is None:
+            age = self.limits.default_max_age
+            return Klass(DEFAULT_RANK, None if age is None else int(age), False)
+        age = p.max_age if p.max_age is not None else self.limits.default_max_age
+        return Klass(p.evict_rank, None if age is None else int(age), p.local_only)
+
+    def _policy_fingerprint(self) -> str:
+        return repr((self.limits.policies, self.limits.default_max_age))
 
     # -- start-up -----------------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Undo what a crash left: staging and download files, and rows of writes never acknowledged."""
+        """Undo what a crash left: staging and download files, and rows of writes never acknowledged.
+
+        Also re-applies the path policies to every row if they changed since the last mount (a one-off
+        walk of the index; otherwise start-up does no work proportional to the number of files).
+        """
         for p in self.tmp_dir.iterdir():
             p.unlink(missing_ok=True)
+        fingerprint = self._policy_fingerprint()
+        if self.index.get_meta("policy") != fingerprint:
+            started = time.monotonic()
+            self.index.begin()
+            n = 0
+            for ino, rel in self.index.walk_files():
+                self.index.set_class(ino, self.klass(rel).columns)
+                n += 1
+            self.index.set_meta("policy", fingerprint)
+            self.index.commit()
+            log.info("applied cache policies to %d files in %.1fs", n, time.monotonic() - started)
         for node in self.index.writing():
             if node.etag is None:
                 log.info("dropping %s: its write never completed", self.index.relpath(node.ino))
@@ -147,7 +205,7 @@ class Cache:
 
     def open_cached(self, node: Node) -> int | None:
         """An fd on the complete cached copy, or None if there is none (then the row becomes REMOTE)."""
-        if node.state != State.CACHED:
+        if node.state not in IN_CACHE:
             return None
         try:
             fd = os.open(self.data_path(node.ino), os.O_RDONLY | os.O_CLOEXEC)
@@ -166,8 +224,13 @@ class Cache:
         return fd
 
     def _demote(self, node: Node) -> None:
-        self.index.set_state(node.ino, State.REMOTE)
         self.cached_bytes -= node.size
+        if node.state == State.LOCAL:
+            # Its only copy is gone (the cache directory was wiped): the file is gone too.
+            log.warning("local-only file %s lost its cached copy; removing it", self.index.relpath(node.ino))
+            self.index.remove(node.ino)
+        else:
+            self.index.set_state(node.ino, State.REMOTE)
 
     async def fetch(self, ino: int) -> int:
         """An fd on a complete local copy of the file's object, downloading it if needed.
@@ -220,7 +283,7 @@ class Cache:
         path = self._tmp("put", node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            if not truncate and node.state in (State.REMOTE, State.CACHED) and node.size > 0:
+            if not truncate and node.state in (State.REMOTE, *IN_CACHE) and node.size > 0:
                 src = await self.fetch(node.ino)
                 try:
                     await trio.to_thread.run_sync(_copy_fd, src, fd, limiter=self.limiter)
@@ -232,10 +295,12 @@ class Cache:
             os.unlink(path)
             raise
         prev = (node.size, node.etag) if node.state in (State.REMOTE, State.CACHED) and node.etag else None
-        if node.state == State.CACHED:
+        if node.state in IN_CACHE:
             self.cached_bytes -= node.size
         self.index.set_state(node.ino, State.WRITING)
-        w = self.writers[node.ino] = Writer(node.ino, path, fd, prev, dirty=truncate or prev is None)
+        # A local-only file has no other copy to go back to: its close always commits it again.
+        dirty = truncate or prev is None
+        w = self.writers[node.ino] = Writer(node.ino, path, fd, prev, dirty=dirty)
         return w
 
     def mark_dirty(self, w: Writer) -> None:
@@ -244,7 +309,7 @@ class Cache:
             if w.committed:
                 # Written again after an upload: the cached copy no longer matches S3.
                 node = self.index.get(w.ino)
-                if node is not None and node.state == State.CACHED:
+                if node is not None and node.state in IN_CACHE:
                     self.cached_bytes -= node.size
                     self.index.set_state(w.ino, State.WRITING)
 
@@ -253,9 +318,12 @@ class Cache:
         async with w.lock:
             if not w.dirty or w.unlinked:
                 return
-            key = self.key(w.ino)
+            rel = self.index.relpath(w.ino)
+            if self.klass(rel).local_only:
+                await self._commit_local(w)
+                return
             # Uploads read the file in worker threads; the size at this moment is what gets committed.
-            info = await self.s3.put_file(key, w.path)
+            info = await self.s3.put_file(self.prefix + rel, w.path)
             if w.unlinked:
                 # Unlinked while the upload ran; unlink waits for this lock, then deletes the object.
                 return
@@ -269,6 +337,20 @@ class Cache:
             w.dirty = False
             w.committed = True
             self.stats["uploads"] += 1
+            self.stats["uploaded_bytes"] += info.size
+
+    async def _commit_local(self, w: Writer) -> None:
+        """close() of a local-only file: durable on the cache disk (fsync), never sent to S3."""
+        await trio.to_thread.run_sync(os.fsync, w.fd, limiter=self.limiter)
+        if w.unlinked:
+            return
+        size = os.fstat(w.fd).st_size
+        self.make_room(size)
+        w.path = self._place(w.path, w.ino)
+        self.index.set_object(w.ino, State.LOCAL, size, None, time.time_ns(), self.listing_gen)
+        self.cached_bytes += size
+        w.dirty = False
+        w.committed = True
 
     def end_write(self, w: Writer) -> bool:
         """Last write handle closed. Returns True if the row was removed (the write never reached S3)."""
@@ -296,7 +378,7 @@ class Cache:
 
     def forget(self, node: Node) -> None:
         """The file is gone from the namespace: drop its cached copy (open fds keep working)."""
-        if node.state == State.CACHED:
+        if node.state in IN_CACHE:
             self.cached_bytes -= node.size
         self._unlink_data(node.ino)
         w = self.writers.get(node.ino)
@@ -306,49 +388,113 @@ class Cache:
     def busy(self, ino: int) -> bool:
         return self.pins[ino] > 0 or ino in self.writers or ino in self._fetching
 
-    def _evict(self, ino: int, size: int) -> None:
+    def _evict(self, ino: int, size: int, state: State) -> None:
         self._unlink_data(ino)
-        self.index.set_state(ino, State.REMOTE)
+        if state == State.LOCAL:
+            self.index.remove(ino)  # no other copy: evicting a local-only file deletes it
+        else:
+            self.index.set_state(ino, State.REMOTE)
         self.cached_bytes -= size
         self.stats["evictions"] += 1
+        self.stats["evicted_bytes"] += size
+
+    def _fs_bytes(self) -> tuple[int, int]:
+        """(free, total) bytes of the filesystem holding the cache."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def _bytes_to_free(self, incoming: int) -> int:
+        over_cap = self.cached_bytes + incoming - self.limits.cap
+        short = 0
+        min_free = self.limits.min_free
+        if min_free:
+            free, total = self._fs_bytes()
+            want = int(min_free * total) if min_free < 1 else int(min_free)
+            # Only bytes not yet on the cache filesystem count as incoming (downloads and staging
+            # files are already there); be generous rather than run again on the next fill.
+            short = want - free
+            if short > 0:
+                short += int(want * (1 - LOW_WATERMARK))
+        if over_cap <= 0 and short <= 0:
+            return 0
+        # Evict down to the low watermark, so that eviction runs in batches, not on every fill.
+        return max(self.cached_bytes + incoming - int(self.limits.cap * LOW_WATERMARK), short)
 
     def make_room(self, incoming: int) -> None:
-        """Enforce the cap as data enters the cache: evict least recently used files, in one batch."""
-        if self.cached_bytes + incoming <= self.cap:
+        """Enforce the cap and the free-space floor as data enters the cache, in one batch.
+
+        Order: lowest eviction rank first (remote media before local media, local-only files last),
+        then least recently used. Open files, files being written and downloads are skipped.
+        """
+        need = self._bytes_to_free(incoming)
+        if need <= 0:
             return
-        target = self.cap * LOW_WATERMARK - incoming
-        skipped = 0
-        while self.cached_bytes > target:
-            batch = self.index.lru(limit=256 + skipped)[skipped:]
+        self.flush_atimes()
+        freed = skipped = 0
+        while freed < need:
+            batch = self.index.eviction_order(limit=256, offset=skipped)
             if not batch:
-                # Everything left is open or being written; those may exceed the cap until released.
-                log.warning(
-                    "cache is over its cap (%d > %d bytes) with only open files left",
-                    self.cached_bytes,
-                    self.cap,
-                )
+                now = time.monotonic()
+                if now - self._last_warning > 60:
+                    self._last_warning = now
+                    log.warning(
+                        "cache cannot free %d more bytes: only open or written files are left "
+                        "(%d bytes cached, cap %d)",
+                        need - freed,
+                        self.cached_bytes,
+                        self.limits.cap,
+                    )
                 return
-            for ino, size in batch:
+            for ino, size, state in batch:
                 if self.busy(ino):
                     skipped += 1
                     continue
-                self._evict(ino, size)
-                if self.cached_bytes <= target:
+                self._evict(ino, size, state)
+                freed += size
+                if freed >= need:
                     return
 
     def evict_aged(self) -> int:
-        if self.max_age is None:
-            return 0
-        cutoff = int(self.clock() - self.max_age)
+        """Drop cached copies not used within their max age. Returns how many went."""
+        self.flush_atimes()
         n = 0
-        for ino, size in self.index.lru(limit=10_000, older_than=cutoff):
-            if not self.busy(ino):
-                self._evict(ino, size)
-                n += 1
-        return n
+        now = int(self.clock())
+        while True:
+            batch = [e for e in self.index.expired(now, limit=1000) if not self.busy(e[0])]
+            for ino, size, state in batch:
+                self._evict(ino, size, state)
+            n += len(batch)
+            if len(batch) < 1000:
+                return n
+
+    def housekeeping(self) -> None:
+        """Periodic: age limit, free space taken by others, pending access times, counters."""
+        self.evict_aged()
+        self.make_room(0)
+        self.flush_atimes()
+        self.persist_stats()
+
+    # -- access times and counters ------------------------------------------------------------------
 
     def touch(self, ino: int) -> None:
-        self.index.touch(ino, int(self.clock()))
+        self._atimes[ino] = int(self.clock())
+        if len(self._atimes) >= ATIME_BATCH:
+            self.flush_atimes()
+
+    def flush_atimes(self) -> None:
+        if not self._atimes:
+            return
+        self.index.begin()
+        try:
+            self.index.touch_many(self._atimes)
+        finally:
+            self.index.commit()
+        self._atimes.clear()
+
+    def persist_stats(self) -> None:
+        """Counters survive restarts, for `s3cachefs status`."""
+        self.index.set_meta("stats", json.dumps(dict(self._stats_base + self.stats)))
+        self.index.set_meta("limits", json.dumps({"cap": self.limits.cap, "min_free": self.limits.min_free}))
 
 
 def _copy_fd(src: int, dst: int) -> None:

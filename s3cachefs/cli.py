@@ -38,12 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--prefix", help="key prefix, concatenated to the relative path as is (no slash added)")
     m.add_argument("--endpoint-url", dest="endpoint_url", help="S3 endpoint, e.g. http://127.0.0.1:8333")
     m.add_argument("--region", dest="region_name", help="S3 region name")
-    m.add_argument("--storage-class", dest="storage_class",
-                   help="STANDARD (default), REDUCED_REDUNDANCY, STANDARD_IA, ONEZONE_IA or INTELLIGENT_TIERING")
+    m.add_argument(
+        "--storage-class",
+        dest="storage_class",
+        help="STANDARD (default), REDUCED_REDUNDANCY, STANDARD_IA, ONEZONE_IA or INTELLIGENT_TIERING",
+    )
     m.add_argument("--cache-dir", dest="cache_dir", help="where cached files and the index live")
     m.add_argument("--cache-size", dest="cache_size", help="cap on cached bytes, e.g. 50G (default 10G)")
     m.add_argument(
         "--cache-max-age", dest="cache_max_age", help="drop cached copies unused for this long, e.g. 30d"
+    )
+    m.add_argument(
+        "--cache-min-free",
+        dest="cache_min_free",
+        help="keep this much free on the cache filesystem, e.g. 20G or 10%%",
     )
     m.add_argument("-f", "--foreground", action="store_true", default=None, help="do not daemonize")
     m.add_argument(
@@ -58,8 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--threadpool-size", dest="threadpool_size", type=int, help="S3 worker threads (default 40)"
     )
-    m.add_argument("--max-pool-connections", dest="max_pool_connections", type=int,
-                   help="HTTP connections kept to S3 (default: --threadpool-size)")
+    m.add_argument(
+        "--max-pool-connections",
+        dest="max_pool_connections",
+        type=int,
+        help="HTTP connections kept to S3 (default: --threadpool-size)",
+    )
     m.add_argument("--connect-timeout", dest="connect_timeout", help="S3 connect timeout (default 5s)")
     m.add_argument("--read-timeout", dest="read_timeout", help="S3 read timeout (default 30s)")
     m.add_argument(
@@ -83,31 +95,10 @@ def config_from_args(argv: list[str]) -> tuple[str, Config]:
     elif len(positional) == 1:
         # One positional is the mount point; the bucket must then come from the config file.
         values["mountpoint"] = positional[0]
-    flags = vars(args)
-    for name in (
-        "prefix",
-        "endpoint_url",
-        "region_name",
-        "storage_class",
-        "cache_dir",
-        "cache_size",
-        "cache_max_age",
-        "foreground",
-        "allow_other",
-        "uid",
-        "gid",
-        "threadpool_size",
-        "max_pool_connections",
-        "connect_timeout",
-        "read_timeout",
-        "max_attempts",
-        "multipart_threshold",
-        "multipart_chunksize",
-        "log_level",
-        "log_file",
-    ):
-        if flags.get(name) is not None:
-            values[name] = flags[name]
+    # Every other flag's dest is its config-file key; a flag that was given overrides the file.
+    for name, value in vars(args).items():
+        if name not in ("command", "config", "bucket", "mountpoint") and value is not None:
+            values[name] = value
     return args.command, build_config(values)
 
 

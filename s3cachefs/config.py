@@ -81,6 +81,46 @@ def parse_duration(text: str | int | float, what: str = "duration") -> float:
     return total
 
 
+def parse_min_free(text: str | int) -> float:
+    """'10%' -> 0.1 (a fraction of the cache filesystem); '20G' -> bytes."""
+    if isinstance(text, str) and text.strip().endswith("%"):
+        try:
+            pct = float(text.strip()[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 <= pct < 100:
+            raise ConfigError(f"cache_min_free: expected a percentage from 0% to 99%, got {text!r}")
+        return pct / 100
+    n = parse_size(text, "cache_min_free")
+    return float(n) if n else 0.0
+
+
+def parse_policies(raw: Any) -> tuple[PathPolicy, ...]:
+    """The `[[cache_policy]]` tables of the config file; they replace the defaults as a whole."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError("cache_policy: expected [[cache_policy]] tables")
+    out = []
+    for i, t in enumerate(raw):
+        where = f"cache_policy #{i + 1}"
+        unknown = sorted(set(t) - {"prefix", "local_only", "evict_rank", "max_age"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s): {', '.join(unknown)}")
+        prefix = t.get("prefix")
+        if not isinstance(prefix, str) or not prefix or prefix.startswith("/"):
+            raise ConfigError(f'{where}: prefix must be a relative path such as "url_cache/"')
+        local_only = t.get("local_only", False)
+        if not isinstance(local_only, bool):
+            raise ConfigError(f"{where}: local_only must be true or false")
+        rank = t.get("evict_rank", DEFAULT_RANK)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= 9:
+            raise ConfigError(f"{where}: evict_rank must be a whole number from 0 to 9")
+        age = parse_duration(t["max_age"], f"{where}: max_age") if "max_age" in t else None
+        if age is not None and age <= 0:
+            raise ConfigError(f"{where}: max_age must be more than zero")
+        out.append(PathPolicy(prefix, local_only, rank, age))
+    return tuple(out)
+
+
 def s3_key(prefix: str, relpath: str) -> str:
     """The object key for a path relative to the mount root.
 
@@ -123,6 +163,45 @@ class S3Options:
 
 
 @dataclass(frozen=True)
+class PathPolicy:
+    """How the cache treats files under one path prefix (relative to the mount root).
+
+    local_only: never uploaded, kept only in the cache (like the provider, which never stores
+    url_cache*); such files are dropped by age and, under space pressure, only after every
+    S3-backed file has gone, since they cannot be fetched again.
+    evict_rank: under space pressure, lower ranks are evicted first (then least recently used).
+    max_age: drop cached copies not used for this long (overrides cache_max_age for these paths).
+    """
+
+    prefix: str
+    local_only: bool = False
+    evict_rank: int = 1
+    max_age: float | None = None
+
+
+# Synapse's layout (../docs, synapse/media/filepath.py): remote media can be fetched again from
+# the origin server, so it goes first; URL previews are short-lived and never uploaded.
+DEFAULT_POLICIES = (
+    PathPolicy("url_cache/", local_only=True, evict_rank=3, max_age=7 * 86400.0),
+    PathPolicy("url_cache_thumbnails/", local_only=True, evict_rank=3, max_age=7 * 86400.0),
+    PathPolicy("remote_content/", evict_rank=0),
+    PathPolicy("remote_thumbnail/", evict_rank=0),
+    PathPolicy("local_thumbnails/", evict_rank=1),
+    PathPolicy("local_content/", evict_rank=2),
+)
+DEFAULT_RANK = 1
+
+
+def policy_for(policies: tuple[PathPolicy, ...], relpath: str) -> PathPolicy | None:
+    """The policy with the longest prefix that `relpath` starts with."""
+    best: PathPolicy | None = None
+    for p in policies:
+        if relpath.startswith(p.prefix) and (best is None or len(p.prefix) > len(best.prefix)):
+            best = p
+    return best
+
+
+@dataclass(frozen=True)
 class Config:
     s3: S3Options
     mountpoint: Path
@@ -130,6 +209,9 @@ class Config:
     cache_size: int = 10 * 1024**3
     # Seconds since last access after which a cached copy is dropped; None keeps it until space is needed.
     cache_max_age: float | None = None
+    # Keep at least this much free on the cache filesystem: bytes, or a fraction of it (0 < f < 1).
+    cache_min_free: float = 0.0
+    policies: tuple[PathPolicy, ...] = DEFAULT_POLICIES
     foreground: bool = False
     allow_other: bool = False
     uid: int | None = None
@@ -167,6 +249,8 @@ MOUNT_FILE_KEYS = (
     "cache_dir",
     "cache_size",
     "cache_max_age",
+    "cache_min_free",
+    "cache_policy",
     "allow_other",
     "uid",
     "gid",
@@ -244,7 +328,8 @@ def _seconds(values: Mapping[str, Any], name: str, positive: bool) -> float | No
     return secs
 
 
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+# S3's rule is 3-63 characters; some S3 servers allow capitals and underscores, so allow those too.
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,62}$")
 
 
 def build_config(values: Mapping[str, Any]) -> Config:
@@ -264,7 +349,7 @@ def build_config(values: Mapping[str, Any]) -> Config:
             f"storage_class: must be one of {', '.join(STORAGE_CLASSES)}, got {storage_class!r}"
         )
     endpoint = _str(values, "endpoint_url")
-    if endpoint is not None and not re.match(r"^https?://[^/\s]+", endpoint):
+    if endpoint is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", endpoint):
         raise ConfigError(
             f"endpoint_url: expected http://host[:port] or https://host[:port], got {endpoint!r}"
         )
@@ -296,6 +381,11 @@ def build_config(values: Mapping[str, Any]) -> Config:
     for name in ("multipart_threshold", "multipart_chunksize"):
         if values.get(name) is not None:
             s3_kwargs[name] = parse_size(values[name], name)
+    if "multipart_threshold" not in s3_kwargs and "multipart_chunksize" in s3_kwargs:
+        # Only the part size was given: never split a file into a single part.
+        s3_kwargs["multipart_threshold"] = max(
+            S3Options.multipart_threshold, s3_kwargs["multipart_chunksize"]
+        )
     s3 = S3Options(**s3_kwargs)
     # S3 refuses parts under 5 MiB (except the last) and allows at most 10,000 parts.
     if s3.multipart_chunksize < 5 * 1024**2:
@@ -310,6 +400,10 @@ def build_config(values: Mapping[str, Any]) -> Config:
     if cache_size is not None and cache_size < 1024**2:
         raise ConfigError(f"cache_size: must be at least 1M, got {values['cache_size']!r}")
     max_age = _seconds(values, "cache_max_age", positive=True)
+    min_free = parse_min_free(values["cache_min_free"]) if values.get("cache_min_free") is not None else 0.0
+    policies = (
+        parse_policies(values["cache_policy"]) if values.get("cache_policy") is not None else DEFAULT_POLICIES
+    )
     log_level = (_str(values, "log_level") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -320,6 +414,8 @@ def build_config(values: Mapping[str, Any]) -> Config:
         "mountpoint": Path(mountpoint).absolute(),
         "cache_dir": Path(cache_dir_s).absolute() if cache_dir_s else default_cache_dir(bucket, s3.prefix),
         "cache_max_age": max_age,
+        "cache_min_free": min_free,
+        "policies": policies,
         "foreground": bool(_bool(values, "foreground")),
         "allow_other": bool(_bool(values, "allow_other")),
         "uid": _int(values, "uid", 0),

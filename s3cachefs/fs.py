@@ -318,10 +318,18 @@ class Operations(pyfuse3.Operations):
                 raise OSError(errno.ENAMETOOLONG, "create")
             self.ns.dir_node(parent_inode)
             # Nothing goes to S3 here (no 0-byte placeholder): the object appears at close().
+            rel = self.ns.relpath_of(parent_inode, name)
             node = self.index.add_file(
-                parent_inode, name, State.WRITING, 0, None, time.time_ns(), self.cache.listing_gen
+                parent_inode,
+                name,
+                State.WRITING,
+                0,
+                None,
+                time.time_ns(),
+                self.cache.listing_gen,
+                self.cache.klass(rel).columns,
             )
-            self.ns.negative.pop(self.index.relpath(node.ino), None)
+            self.ns.negative.pop(rel, None)
         h = _Handle(node.ino)
         h.writer = await self.cache.start_write(node, truncate=True)
         h.writer.handles += 1

@@ -36,6 +36,11 @@ class State(IntEnum):
     REMOTE = 1  # in S3; no trusted local copy
     CACHED = 2  # in S3, and data/<ino> is a complete, verified copy of exactly that object
     WRITING = 3  # being written; size/etag describe the S3 version (if any) until the upload commits
+    LOCAL = 4  # complete in data/<ino>, never uploaded (a local-only path such as url_cache/)
+
+
+# States whose bytes are in data/<ino> and count against the cache cap.
+IN_CACHE = (State.CACHED, State.LOCAL)
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,15 @@ CREATE TABLE IF NOT EXISTS nodes(
     atime INTEGER NOT NULL DEFAULT 0,
     complete INTEGER NOT NULL DEFAULT 0,
     seen INTEGER NOT NULL DEFAULT 0,
+    rank INTEGER NOT NULL DEFAULT 1,
+    max_age INTEGER,
     UNIQUE(parent, name)
 );
-CREATE INDEX IF NOT EXISTS nodes_lru ON nodes(state, atime);
+CREATE INDEX IF NOT EXISTS nodes_state ON nodes(state);
+-- Partial indexes over cached files only: eviction order, and expiry time for the age limit.
+-- Both are walked from their start, so an eviction pass never scans the whole table.
+CREATE INDEX IF NOT EXISTS nodes_evict ON nodes(rank, atime) WHERE state IN (2, 4);
+CREATE INDEX IF NOT EXISTS nodes_expiry ON nodes(atime + max_age) WHERE state IN (2, 4) AND max_age IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tombstones(relpath BLOB PRIMARY KEY);
 """
@@ -107,6 +118,11 @@ class Index:
         # Nothing we lose that way can cause wrong bytes: CACHED is only ever set after the data file
         # was fsynced and renamed, and a forgotten row is found again by the next listing.
         self.db.execute("PRAGMA synchronous=NORMAL")
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(nodes)")}
+        if cols and "rank" not in cols:
+            self.db.execute("DROP INDEX IF EXISTS nodes_lru")
+            self.db.execute("ALTER TABLE nodes ADD COLUMN rank INTEGER NOT NULL DEFAULT 1")
+            self.db.execute("ALTER TABLE nodes ADD COLUMN max_age INTEGER")
         self.db.executescript(_SCHEMA)
         now = int(time.time())
         self.db.execute(
@@ -171,11 +187,33 @@ class Index:
         return Node(cur.lastrowid, parent, name, State.DIR, 0, None, now, 0, complete)
 
     def add_file(
-        self, parent: int, name: bytes, state: State, size: int, etag: str | None, mtime_ns: int, seen: int
+        self,
+        parent: int,
+        name: bytes,
+        state: State,
+        size: int,
+        etag: str | None,
+        mtime_ns: int,
+        seen: int,
+        klass: tuple[int, int | None] = (1, None),
+        atime: int | None = None,
     ) -> Node:
+        """klass: (eviction rank, max age in seconds or None) from the path's cache policy."""
         cur = self.db.execute(
-            "INSERT INTO nodes(parent, name, state, size, etag, mtime_ns, atime, seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (parent, name, int(state), size, etag, mtime_ns, int(time.time()), seen),
+            "INSERT INTO nodes(parent, name, state, size, etag, mtime_ns, atime, seen, rank, max_age)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                parent,
+                name,
+                int(state),
+                size,
+                etag,
+                mtime_ns,
+                int(time.time()) if atime is None else atime,
+                seen,
+                klass[0],
+                klass[1],
+            ),
         )
         assert cur.lastrowid is not None
         return self.get(cur.lastrowid)  # type: ignore[return-value]
@@ -203,16 +241,45 @@ class Index:
     def move(self, ino: int, parent: int, name: bytes) -> None:
         self.db.execute("UPDATE nodes SET parent=?, name=? WHERE ino=?", (parent, name, ino))
 
+    def set_class(self, ino: int, klass: tuple[int, int | None]) -> None:
+        self.db.execute("UPDATE nodes SET rank=?, max_age=? WHERE ino=?", (klass[0], klass[1], ino))
+
+    def touch_many(self, atimes: dict[int, int]) -> None:
+        self.db.executemany("UPDATE nodes SET atime=? WHERE ino=?", [(t, i) for i, t in atimes.items()])
+
+    def walk_files(self) -> Iterator[tuple[int, str]]:
+        """(ino, relpath) of every file, depth first, without holding the whole tree in memory."""
+        stack: list[tuple[int, str]] = [(ROOT_INO, "")]
+        while stack:
+            parent, base = stack.pop()
+            for ino, name, state in self.db.execute(
+                "SELECT ino, name, state FROM nodes WHERE parent=?", (parent,)
+            ).fetchall():
+                rel = base + bytes(name).decode("utf-8", "surrogateescape")
+                if state == State.DIR:
+                    stack.append((ino, rel + "/"))
+                else:
+                    yield ino, rel
+
     def remove(self, ino: int) -> None:
         self.db.execute("DELETE FROM nodes WHERE ino=?", (ino,))
 
     # -- cache accounting -----------------------------------------------------------------------------
 
     def cached_bytes(self) -> int:
-        row = self.db.execute(
-            "SELECT COALESCE(SUM(size), 0) FROM nodes WHERE state=?", (int(State.CACHED),)
-        ).fetchone()
+        row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM nodes WHERE state IN (2, 4)").fetchone()
         return int(row[0])
+
+    def cache_summary(self) -> dict[str, int]:
+        """Counts for `s3cachefs status`: files and bytes per state."""
+        out: dict[str, int] = {}
+        for state, n, size in self.db.execute(
+            "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM nodes WHERE state != 0 GROUP BY state"
+        ):
+            name = State(state).name.lower()
+            out[f"{name}_files"] = n
+            out[f"{name}_bytes"] = size
+        return out
 
     def total_bytes(self) -> tuple[int, int]:
         row = self.db.execute(
@@ -220,13 +287,18 @@ class Index:
         ).fetchone()
         return int(row[0]), int(row[1])
 
-    def lru(self, limit: int, older_than: int | None = None) -> list[tuple[int, int]]:
-        """(ino, size) of cached files, least recently used first."""
-        if older_than is None:
-            q = "SELECT ino, size FROM nodes WHERE state=? ORDER BY atime LIMIT ?"
-            return [(r[0], r[1]) for r in self.db.execute(q, (int(State.CACHED), limit))]
-        q = "SELECT ino, size FROM nodes WHERE state=? AND atime<? ORDER BY atime LIMIT ?"
-        return [(r[0], r[1]) for r in self.db.execute(q, (int(State.CACHED), older_than, limit))]
+    def eviction_order(self, limit: int, offset: int = 0) -> list[tuple[int, int, State]]:
+        """(ino, size, state) of files in the cache: lowest rank first, then least recently used."""
+        q = "SELECT ino, size, state FROM nodes INDEXED BY nodes_evict WHERE state IN (2, 4) ORDER BY rank, atime LIMIT ? OFFSET ?"
+        return [(r[0], r[1], State(r[2])) for r in self.db.execute(q, (limit, offset))]
+
+    def expired(self, now: int, limit: int) -> list[tuple[int, int, State]]:
+        """(ino, size, state) of files in the cache not used within their max age."""
+        q = (
+            "SELECT ino, size, state FROM nodes INDEXED BY nodes_expiry WHERE state IN (2, 4) AND max_age IS NOT NULL"
+            " AND atime + max_age < ? ORDER BY atime + max_age LIMIT ?"
+        )
+        return [(r[0], r[1], State(r[2])) for r in self.db.execute(q, (now, limit))]
 
     def writing(self) -> list[Node]:
         rows = self.db.execute(f"SELECT {_COLS} FROM nodes WHERE state=?", (int(State.WRITING),)).fetchall()

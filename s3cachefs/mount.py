@@ -29,7 +29,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .cache import Cache
+from .cache import Cache, Limits
 from .cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from .config import Config, ConfigError
 from .fs import Operations
@@ -39,7 +39,7 @@ from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, make_client
 
 log = logging.getLogger(__name__)
 
-AGE_EVICTION_EVERY = 60.0
+HOUSEKEEPING_EVERY = 60.0
 
 
 class StartupError(Exception):
@@ -144,9 +144,8 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
     index = Index(config.cache_dir / "index.sqlite")
     _check_identity(index, config)
     s3 = S3(config.s3, limiter)
-    cache = Cache(
-        config.cache_dir, index, s3, config.s3.prefix, config.cache_size, config.cache_max_age, limiter
-    )
+    limits = Limits(config.cache_size, config.cache_min_free, config.cache_max_age, config.policies)
+    cache = Cache(config.cache_dir, index, s3, config.s3.prefix, limits, limiter)
     cache.recover()
     ns = Namespace(index, s3, cache, config.s3.prefix)
     ops = Operations(index, ns, cache, uid, gid, limiter)
@@ -177,12 +176,11 @@ def _daemonize() -> None:
     os.close(devnull)
 
 
-async def _age_evictor(cache: Cache) -> None:
+async def _housekeeping(cache: Cache) -> None:
+    """Every minute: age limits, free space taken by others, batched access times, counters."""
     while True:
-        n = cache.evict_aged()
-        if n:
-            log.info("evicted %d cached files not used for %.0fs", n, cache.max_age or 0)
-        await trio.sleep(AGE_EVICTION_EVERY)
+        await trio.sleep(HOUSEKEEPING_EVERY)
+        cache.housekeeping()
 
 
 async def _serve(parts: _Parts) -> bool:
@@ -202,8 +200,9 @@ async def _serve(parts: _Parts) -> bool:
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
         nursery.start_soon(parts.ns.listing_task)
-        if parts.cache.max_age is not None:
-            nursery.start_soon(_age_evictor, parts.cache)
+        # A lowered cap, a fuller disk or entries that aged while unmounted: settle them first.
+        parts.cache.housekeeping()
+        nursery.start_soon(_housekeeping, parts.cache)
         _sd_notify("READY=1")
         await pyfuse3.main()
         _sd_notify("STOPPING=1")
@@ -250,6 +249,8 @@ def run(config: Config) -> int:
                 parts.index.close()
                 return EXIT_RUNTIME
             pyfuse3.close(unmount=unmount)
+            parts.cache.flush_atimes()
+            parts.cache.persist_stats()
             parts.index.close()
             log.info("unmounted %s", config.mountpoint)
             return EXIT_OK

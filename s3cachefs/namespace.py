@@ -20,7 +20,7 @@ import time
 import cachetools
 import trio
 
-from .cache import Cache
+from .cache import Cache, Klass
 from .index import NAME_MAX, ROOT_INO, Index, Node, State, split_key_path
 from .s3 import S3, ObjectInfo, S3Error
 
@@ -47,7 +47,7 @@ class Namespace:
         cache.listing_gen = gen
         self.skipped_keys = 0
 
-    def _rel(self, parent: int, name: bytes) -> str:
+    def relpath_of(self, parent: int, name: bytes) -> str:
         base = self.index.relpath(parent)
         n = name.decode("utf-8", "surrogateescape")
         return f"{base}/{n}" if base else n
@@ -69,7 +69,7 @@ class Namespace:
         pnode = self.dir_node(parent)
         if pnode.complete or len(name) > NAME_MAX or name in (b".", b".."):
             return None
-        rel = self._rel(parent, name)
+        rel = self.relpath_of(parent, name)
         if rel in self.negative:
             return None
         key = self.prefix + rel
@@ -81,7 +81,14 @@ class Namespace:
             return node
         if info is not None:
             return self.index.add_file(
-                parent, name, State.REMOTE, info.size, info.etag, info.mtime_ns, self.cache.listing_gen
+                parent,
+                name,
+                State.REMOTE,
+                info.size,
+                info.etag,
+                info.mtime_ns,
+                self.cache.listing_gen,
+                self.cache.klass(rel).columns,
             )
         if is_dir:
             return self.index.add_dir(parent, name, complete=False)
@@ -105,11 +112,17 @@ class Namespace:
                 name = o.key[len(dir_prefix) :].encode("utf-8", "surrogateescape")
                 if split_key_path(o.key[len(dir_prefix) :]) is None or b"/" in name:
                     continue
-                if self.index.lookup(ino, name) is None and not self.index.is_tombstoned(
-                    o.key[len(self.prefix) :]
-                ):
+                rel = o.key[len(self.prefix) :]
+                if self.index.lookup(ino, name) is None and not self.index.is_tombstoned(rel):
                     self.index.add_file(
-                        ino, name, State.REMOTE, o.size, o.etag, o.mtime_ns, self.cache.listing_gen
+                        ino,
+                        name,
+                        State.REMOTE,
+                        o.size,
+                        o.etag,
+                        o.mtime_ns,
+                        self.cache.listing_gen,
+                        self.cache.klass(rel).columns,
                     )
         if self.index.get(ino) is not None:
             self.index.set_complete(ino)
@@ -200,7 +213,9 @@ class Namespace:
         node = self.index.lookup(parent, name)
         if node is None:
             if not self.index.is_tombstoned(rel):
-                self.index.add_file(parent, name, State.REMOTE, o.size, o.etag, o.mtime_ns, gen)
+                self.index.add_file(
+                    parent, name, State.REMOTE, o.size, o.etag, o.mtime_ns, gen, self.cache.klass(rel).columns
+                )
             return
         if node.is_dir:
             self.skipped_keys += 1
@@ -246,7 +261,10 @@ class Namespace:
         node = self.index.get(node.ino)
         if node is None:
             return
-        if node.etag is not None or node.state != State.WRITING:
+        # Only what S3 holds needs a DELETE: not a local-only file, nor a new file never uploaded.
+        if node.state in (State.REMOTE, State.CACHED) or (
+            node.state == State.WRITING and node.etag is not None
+        ):
             await self.s3.delete(self.prefix + rel)
         node = self.index.get(node.ino)
         if node is None:
@@ -265,7 +283,7 @@ class Namespace:
         if self.index.has_children(node.ino):
             raise _err(errno.ENOTEMPTY, "rmdir")
         self.index.remove(node.ino)
-        self._gone(self._rel(parent, name))
+        self._gone(self.relpath_of(parent, name))
 
     async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, noreplace: bool) -> None:
         src = await self.lookup(p_old, n_old)
@@ -290,7 +308,15 @@ class Namespace:
         if dst is not None and dst.ino in self.cache.writers:
             raise _err(errno.EBUSY, "rename over a file open for writing")
         src_rel = self.index.relpath(src.ino)
-        dst_rel = self._rel(p_new, n_new)
+        dst_rel = self.relpath_of(p_new, n_new)
+        src_k, dst_k = self.cache.klass(src_rel), self.cache.klass(dst_rel)
+        if src_k.local_only != dst_k.local_only:
+            # Between a local-only path and an uploaded one: that is an upload or a download, which
+            # mv(1) and shutil.move do themselves on EXDEV.
+            raise _err(errno.EXDEV, "rename between local-only and uploaded paths")
+        if src_k.local_only:
+            self._move_file_row(src.ino, p_new, n_new, dst_k)
+            return
         # S3 has no rename: copy then delete. A crash between the two leaves both names in S3 (never
         # neither), and the next listing shows both.
         info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel)
@@ -298,14 +324,19 @@ class Namespace:
         src = self.index.get(src.ino)
         if src is None:
             return
+        self._move_file_row(src.ino, p_new, n_new, dst_k)
+        self.index.set_object(src.ino, src.state, info.size, info.etag, src.mtime_ns, self.cache.listing_gen)
+        self._gone(src_rel)
+        self.negative.pop(dst_rel, None)
+
+    def _move_file_row(self, ino: int, p_new: int, n_new: bytes, klass: Klass) -> None:
+        """Point the row at its new name, replacing (and forgetting) whatever file had that name."""
         dst = self.index.lookup(p_new, n_new)
         if dst is not None:
             self.cache.forget(dst)
             self.index.remove(dst.ino)
-        self.index.move(src.ino, p_new, n_new)
-        self.index.set_object(src.ino, src.state, info.size, info.etag, src.mtime_ns, self.cache.listing_gen)
-        self._gone(src_rel)
-        self.negative.pop(dst_rel, None)
+        self.index.move(ino, p_new, n_new)
+        self.index.set_class(ino, klass.columns)
 
     async def _rename_dir(self, src: Node, dst: Node | None, p_new: int, n_new: bytes) -> None:
         await self.ensure_listed(src.ino)

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# Try s3cachefs on this machine: a local S3 server (SeaweedFS) with a bucket `media`, mounted with a
+# disk cache. Everything lives in one directory and listens on 127.0.0.1 only.
+#
+#   scripts/demo.sh            # install, start SeaweedFS, mount; prints what to do next
+#   scripts/demo.sh objects    # list the objects in the bucket (to watch the write-through)
+#   scripts/demo.sh stop       # unmount and stop SeaweedFS (the data stays in the demo directory)
+#
+# Environment: S3CACHEFS_DEMO_DIR (default /tmp/s3cachefs-demo), S3CACHEFS_VENV (default ./.venv).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${S3CACHEFS_VENV:-$REPO/.venv}
+DEMO=${S3CACHEFS_DEMO_DIR:-/tmp/s3cachefs-demo}
+DEMO=$(mkdir -p "$DEMO" && cd "$DEMO" && pwd -P)
+MNT=$DEMO/mnt
+BUCKET=media
+ENDPOINT=http://127.0.0.1:8333
+WEED_PID=$DEMO/weed.pid
+WEED_LOG=$DEMO/weed.log
+FS_PID=$DEMO/s3cachefs.pid
+FS_LOG=$DEMO/s3cachefs.log
+
+# SeaweedFS's default ports, given explicitly. `weed mini` quietly moves to another port when one is
+# taken, which would leave the endpoint above pointing at somebody else, so they are checked first.
+MASTER_PORT=9333 VOLUME_PORT=9340 FILER_PORT=8888 S3_PORT=8333 ADMIN_PORT=23646
+PORTS=("$MASTER_PORT" $((MASTER_PORT + 10000)) "$VOLUME_PORT" $((VOLUME_PORT + 10000))
+       "$FILER_PORT" $((FILER_PORT + 10000)) "$S3_PORT" $((S3_PORT + 10000))
+       "$ADMIN_PORT" $((ADMIN_PORT + 10000)))
+
+# Demo credentials, known to both SeaweedFS and s3cachefs (boto3 reads them from the environment).
+export AWS_ACCESS_KEY_ID=s3cachefs-demo AWS_SECRET_ACCESS_KEY=s3cachefs-demo-secret
+export AWS_DEFAULT_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+unset AWS_PROFILE AWS_SESSION_TOKEN AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3
+
+say() { printf 'demo.sh: %s\n' "$*"; }
+die() { printf 'demo.sh: error: %s\n' "$*" >&2; exit 1; }
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+mounted() { awk -v m="$MNT" '$2 == m { found = 1 } END { exit !found }' /proc/mounts; }
+
+# wait_gone PID SECONDS: true once the process is gone.
+wait_gone() {
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    ! kill -0 "$1" 2>/dev/null
+}
+
+# The daemon's pid: it forks away from us, so find it by its command line (exact mount point match).
+find_fs_pid() {
+    local p
+    for p in /proc/[0-9]*; do
+        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "s3cachefs mount $BUCKET $MNT " && { basename "$p"; return 0; }
+    done
+    return 1
+}
+
+s3_ready() {
+    "$VENV/bin/python" - "$ENDPOINT" "$BUCKET" <<'EOF' >/dev/null 2>&1
+import sys
+import boto3, botocore.config
+c = boto3.client("s3", endpoint_url=sys.argv[1],
+                 config=botocore.config.Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}))
+sys.exit(0 if sys.argv[2] in [b["Name"] for b in c.list_buckets()["Buckets"]] else 1)
+EOF
+}
+
+stop_weed() {
+    alive "$WEED_PID" || { rm -f "$WEED_PID"; return 0; }
+    local pid
+    pid=$(cat "$WEED_PID")
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_gone "$pid" 30; then
+        say "SeaweedFS (pid $pid) ignored SIGTERM for 30s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_gone "$pid" 10 || die "SeaweedFS (pid $pid) would not die"
+    fi
+    rm -f "$WEED_PID"
+    say "SeaweedFS stopped"
+}
+
+unmount_fs() {
+    if mounted; then
+        local pid=""
+        if alive "$FS_PID"; then pid=$(cat "$FS_PID"); fi
+        if ! out=$(fusermount3 -u "$MNT" 2>&1); then
+            if [ -z "$pid" ] && ! find_fs_pid >/dev/null; then
+                # The daemon is gone and left a dead mount behind: detach it.
+                fusermount3 -uz "$MNT"
+            else
+                die "cannot unmount $MNT: $out (is a shell or program still using it? cd out of it and retry)"
+            fi
+        fi
+        if [ -n "$pid" ] && ! wait_gone "$pid" 30; then
+            die "unmounted, but s3cachefs (pid $pid) has not exited after 30s; see $FS_LOG"
+        fi
+        say "unmounted $MNT"
+    fi
+    rm -f "$FS_PID"
+}
+
+stop() {
+    unmount_fs
+    stop_weed
+}
+
+objects() {
+    alive "$WEED_PID" || die "the demo is not running (start it with scripts/demo.sh)"
+    "$VENV/bin/python" - "$ENDPOINT" "$BUCKET" <<'EOF'
+import sys
+import boto3
+c = boto3.client("s3", endpoint_url=sys.argv[1])
+n = 0
+for page in c.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[2]):
+    for o in page.get("Contents", []):
+        n += 1
+        print(f"{o['Size']:>12}  {o['LastModified']:%Y-%m-%d %H:%M:%S}  {o['Key']}")
+print(f"({n} object{'s' if n != 1 else ''} in bucket {sys.argv[2]} at {sys.argv[1]})")
+EOF
+}
+
+instructions() {
+    cat <<EOF
+
+s3cachefs is mounted: bucket "$BUCKET" on SeaweedFS at $ENDPOINT -> $MNT
+
+  Try it:
+    cp /etc/os-release $MNT/hello.txt     # in S3 before cp returns
+    ls -l $MNT
+    cat $MNT/hello.txt
+    $REPO/scripts/demo.sh objects        # what is in the bucket now
+
+  Look around:
+    cache:  $DEMO/cache   (capped at 1G)
+    logs:   $FS_LOG  $WEED_LOG
+
+  Stop it (data stays in $DEMO; delete that directory to start over):
+    $REPO/scripts/demo.sh stop
+EOF
+}
+
+start() {
+    bash "$REPO/scripts/install.sh"
+    command -v fusermount3 >/dev/null 2>&1 || die "fusermount3 not found (apt-get install fuse3)"
+    [ -e /dev/fuse ] || die "/dev/fuse does not exist: this machine (or container) cannot mount FUSE filesystems"
+
+    if alive "$WEED_PID" && mounted && stat "$MNT" >/dev/null 2>&1; then
+        say "already running"
+        instructions
+        return 0
+    fi
+    if mounted; then
+        # A leftover of an earlier run (its daemon died, or its server did): mount afresh.
+        unmount_fs
+    fi
+
+    if ! alive "$WEED_PID"; then
+        rm -f "$WEED_PID"
+        local taken
+        taken=$("$VENV/bin/python" - "${PORTS[@]}" <<'EOF'
+import socket, sys
+busy = []
+for port in map(int, sys.argv[1:]):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            busy.append(str(port))
+print(" ".join(busy))
+EOF
+)
+        if [ -n "$taken" ]; then
+            die "port(s) $taken already in use on 127.0.0.1 (another SeaweedFS, or a demo started with another S3CACHEFS_DEMO_DIR?); the demo needs SeaweedFS's default ports ${PORTS[*]} - see who holds them with: ss -ltnp"
+        fi
+
+        mkdir -p "$DEMO/s3" "$DEMO/cache" "$MNT"
+        say "starting SeaweedFS on $ENDPOINT (data in $DEMO/s3, log in $WEED_LOG)"
+        printf '\n===== %s demo.sh start\n' "$(date '+%F %T')" >>"$WEED_LOG"
+        local log_start
+        log_start=$(stat -c %s "$WEED_LOG")
+        # setsid: the server outlives this script and the terminal it ran in.
+        setsid "$VENV/bin/weed" mini -dir="$DEMO/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -bucket="$BUCKET" \
+            -master.telemetry=false -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 \
+            -master.port=$MASTER_PORT -volume.port=$VOLUME_PORT -filer.port=$FILER_PORT -s3.port=$S3_PORT \
+            -admin.port=$ADMIN_PORT </dev/null >>"$WEED_LOG" 2>&1 &
+        echo $! >"$WEED_PID"
+
+        local ready="" deadline=$((SECONDS + 30))
+        while ((SECONDS < deadline)); do
+            alive "$WEED_PID" || { tail -n 30 "$WEED_LOG" >&2; rm -f "$WEED_PID"; die "SeaweedFS exited during startup (log above)"; }
+            if s3_ready; then ready=1; break; fi
+            sleep 0.5
+        done
+        if [ -z "$ready" ]; then
+            tail -n 30 "$WEED_LOG" >&2
+            stop_weed
+            die "SeaweedFS did not answer on $ENDPOINT within 30s (log above)"
+        fi
+        if tail -c +"$((log_start + 1))" "$WEED_LOG" | grep -q "not available on"; then
+            stop_weed
+            die "SeaweedFS could not get its default ports (another server started meanwhile?); see $WEED_LOG"
+        fi
+    fi
+
+    mkdir -p "$DEMO/cache" "$MNT"
+    say "mounting $BUCKET at $MNT (log in $FS_LOG)"
+    if ! "$VENV/bin/s3cachefs" mount "$BUCKET" "$MNT" --endpoint-url "$ENDPOINT" \
+        --cache-dir "$DEMO/cache" --cache-size 1G --log-file "$FS_LOG"; then
+        [ -f "$FS_LOG" ] && tail -n 30 "$FS_LOG" >&2
+        stop_weed
+        die "mount failed (output above)"
+    fi
+    mounted || { stop_weed; die "s3cachefs returned success but $MNT is not mounted; see $FS_LOG"; }
+    find_fs_pid >"$FS_PID" || rm -f "$FS_PID"
+    instructions
+}
+
+case "${1:-start}" in
+    start) start ;;
+    stop) stop ;;
+    objects | ls) objects ;;
+    -h | --help | help) sed -n "2,9p" "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown command '$1' (use: start, stop, objects)" ;;
+esac
