@@ -47,11 +47,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cachetools
 import trio
 
 from .config import DEFAULT_RANK, PathPolicy, policy_for
 from .index import IN_CACHE, Index, Node, State
-from .s3 import S3
+from .s3 import S3, S3Error, md5_fd
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class Klass:
         return self.rank, self.max_age
 
 
+EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
+
 # Flush access times to the index when this many are pending (and at every eviction pass and every
 # housekeeping tick): one transaction for many reads instead of one disk write per open.
 ATIME_BATCH = 10_000
@@ -127,6 +130,9 @@ class Cache:
         self.writers: dict[int, Writer] = {}
         self._fetching: dict[int, trio.Event] = {}
         self._atimes: dict[int, int] = {}
+        # Inodes whose cached bytes were hashed (or written) by this process; bounded, so a file that
+        # falls out is simply hashed again on its next first read.
+        self._verified: cachetools.LRUCache[int, bool] = cachetools.LRUCache(maxsize=100_000)
         self._last_warning = 0.0
         self.listing_gen = 0  # set by Namespace: rows we commit count as seen by the current listing
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -232,6 +238,34 @@ class Cache:
         else:
             self.index.set_state(node.ino, State.REMOTE)
 
+    async def verify(self, ino: int, fd: int) -> int:
+        """The first read of a cached file after a mount checks its bytes against the MD5 recorded
+        when they entered the cache. A damaged file is dropped and fetched again; the fd returned
+        is the one to read from."""
+        if ino in self._verified:
+            return fd
+        expected = self.index.get_md5(ino)
+        try:
+            actual = await trio.to_thread.run_sync(md5_fd, fd, limiter=self.limiter) if expected else None
+        except BaseException:
+            os.close(fd)  # the caller handed the fd over
+            raise
+        node = self.index.get(ino)
+        if expected is None or actual == expected or node is None or node.state not in IN_CACHE:
+            self._verified[ino] = True
+            return fd
+        log.warning(
+            "cached copy of %s is damaged (MD5 %s, expected %s); fetching it again",
+            self.index.relpath(ino),
+            actual,
+            expected,
+        )
+        self.stats["damaged"] += 1
+        os.close(fd)
+        self._demote(node)
+        self._unlink_data(ino)
+        return await self.fetch(ino)
+
     async def fetch(self, ino: int) -> int:
         """An fd on a complete local copy of the file's object, downloading it if needed.
 
@@ -263,6 +297,8 @@ class Cache:
             self.make_room(info.size)
             self._place(tmp, ino)
             self.index.set_object(ino, State.CACHED, info.size, info.etag, cur.mtime_ns, self.listing_gen)
+            self.index.set_md5(ino, info.md5)
+            self._verified[ino] = True
             self.cached_bytes += info.size
             return fd
         finally:
@@ -322,6 +358,12 @@ class Cache:
             if self.klass(rel).local_only:
                 await self._commit_local(w)
                 return
+            if os.fstat(w.fd).st_size == 0:
+                # Never a 0-byte object in the bucket. Shells open, dup2 and close a file before the
+                # data arrives (`cmd > file`), and every close() is a FUSE flush: an empty flush is
+                # not the end of the write. What an empty file means is settled at the last close
+                # (finish_write); until then there is nothing to lose, so success is honest.
+                return
             # Uploads read the file in worker threads; the size at this moment is what gets committed.
             info = await self.s3.put_file(self.prefix + rel, w.path)
             if w.unlinked:
@@ -332,6 +374,8 @@ class Cache:
             self.make_room(info.size)
             w.path = self._place(w.path, w.ino)
             self.index.set_object(w.ino, State.CACHED, info.size, info.etag, time.time_ns(), self.listing_gen)
+            self.index.set_md5(w.ino, info.md5)
+            self._verified[w.ino] = True
             self.cached_bytes += info.size
             w.prev = (info.size, info.etag)
             w.dirty = False
@@ -341,19 +385,23 @@ class Cache:
 
     async def _commit_local(self, w: Writer) -> None:
         """close() of a local-only file: durable on the cache disk (fsync), never sent to S3."""
-        await trio.to_thread.run_sync(os.fsync, w.fd, limiter=self.limiter)
+        md5 = await trio.to_thread.run_sync(_fsync_and_hash, w.fd, limiter=self.limiter)
         if w.unlinked:
             return
         size = os.fstat(w.fd).st_size
         self.make_room(size)
         w.path = self._place(w.path, w.ino)
         self.index.set_object(w.ino, State.LOCAL, size, None, time.time_ns(), self.listing_gen)
+        self.index.set_md5(w.ino, md5)
+        self._verified[w.ino] = True
         self.cached_bytes += size
         w.dirty = False
         w.committed = True
 
-    def end_write(self, w: Writer) -> bool:
+    async def finish_write(self, w: Writer) -> bool:
         """Last write handle closed. Returns True if the row was removed (the write never reached S3)."""
+        if w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
+            await self._settle_empty(w)
         del self.writers[w.ino]
         os.close(w.fd)
         removed = False
@@ -373,6 +421,28 @@ class Cache:
         if not w.committed:
             _unlink_quiet(w.path)
         return removed
+
+    async def _settle_empty(self, w: Writer) -> None:
+        """A file that ends up empty is kept in the cache only: S3 never gets a 0-byte object.
+
+        If it replaced an object, that object is deleted, so S3 cannot serve the old bytes; if the
+        delete fails, the file goes back to the version S3 still holds (finish_write's revert).
+        """
+        async with w.lock:
+            if w.prev is not None:
+                try:
+                    await self.s3.delete(self.key(w.ino))
+                except S3Error as e:
+                    log.warning("could not delete %s after it was emptied: %s", self.key(w.ino), e)
+                    return
+                w.prev = None
+            if w.unlinked:
+                return
+            w.path = self._place(w.path, w.ino)
+            self.index.set_object(w.ino, State.LOCAL, 0, None, time.time_ns(), self.listing_gen)
+            self.index.set_md5(w.ino, EMPTY_MD5)
+            w.dirty = False
+            w.committed = True
 
     # -- removal and eviction -----------------------------------------------------------------------
 
@@ -403,7 +473,8 @@ class Cache:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
-    def _bytes_to_free(self, incoming: int) -> int:
+    def _bytes_to_free(self, incoming: int) -> tuple[int, bool]:
+        """(bytes to evict, whether the free-space floor is what is short)."""
         over_cap = self.cached_bytes + incoming - self.limits.cap
         short = 0
         min_free = self.limits.min_free
@@ -416,9 +487,9 @@ class Cache:
             if short > 0:
                 short += int(want * (1 - LOW_WATERMARK))
         if over_cap <= 0 and short <= 0:
-            return 0
+            return 0, False
         # Evict down to the low watermark, so that eviction runs in batches, not on every fill.
-        return max(self.cached_bytes + incoming - int(self.limits.cap * LOW_WATERMARK), short)
+        return max(self.cached_bytes + incoming - int(self.limits.cap * LOW_WATERMARK), short), short > 0
 
     def make_room(self, incoming: int) -> None:
         """Enforce the cap and the free-space floor as data enters the cache, in one batch.
@@ -426,7 +497,7 @@ class Cache:
         Order: lowest eviction rank first (remote media before local media, local-only files last),
         then least recently used. Open files, files being written and downloads are skipped.
         """
-        need = self._bytes_to_free(incoming)
+        need, floor_short = self._bytes_to_free(incoming)
         if need <= 0:
             return
         self.flush_atimes()
@@ -446,7 +517,10 @@ class Cache:
                     )
                 return
             for ino, size, state in batch:
-                if self.busy(ino):
+                # Local-only files have no other copy: only the age limit or a full disk (the
+                # free-space floor) may take them, never the cap alone. Empty files free nothing.
+                spare = state == State.LOCAL and (not floor_short or size == 0)
+                if self.busy(ino) or spare:
                     skipped += 1
                     continue
                 self._evict(ino, size, state)
@@ -460,7 +534,7 @@ class Cache:
         n = 0
         now = int(self.clock())
         while True:
-            batch = [e for e in self.index.expired(now, limit=1000) if not self.busy(e[0])]
+            batch = [e for e in self.index.expired(now, limit=1000) if not self.busy(e[0]) and e[1] > 0]
             for ino, size, state in batch:
                 self._evict(ino, size, state)
             n += len(batch)
@@ -491,10 +565,28 @@ class Cache:
             self.index.commit()
         self._atimes.clear()
 
+    def status(self) -> dict[str, object]:
+        """What `s3cachefs status` shows, from the live process."""
+        return {
+            "cache_dir": str(self.root),
+            "identity": self.index.get_meta("identity"),
+            "pid": os.getpid(),
+            "cap": self.limits.cap,
+            "min_free": self.limits.min_free,
+            "in_cache_bytes": self.cached_bytes,
+            **self.index.cache_summary(),
+            **{f"stat_{k}": v for k, v in (self._stats_base + self.stats).items()},
+        }
+
     def persist_stats(self) -> None:
         """Counters survive restarts, for `s3cachefs status`."""
         self.index.set_meta("stats", json.dumps(dict(self._stats_base + self.stats)))
         self.index.set_meta("limits", json.dumps({"cap": self.limits.cap, "min_free": self.limits.min_free}))
+
+
+def _fsync_and_hash(fd: int) -> str:
+    os.fsync(fd)
+    return md5_fd(fd)
 
 
 def _copy_fd(src: int, dst: int) -> None:

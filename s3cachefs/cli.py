@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
         dest="cache_min_free",
         help="keep this much free on the cache filesystem, e.g. 20G or 10%%",
     )
+    m.add_argument(
+        "--no-listing",
+        dest="listing",
+        action="store_false",
+        default=None,
+        help="do not list the bucket at mount: trust the index (when nothing else writes to the bucket)",
+    )
     m.add_argument("-f", "--foreground", action="store_true", default=None, help="do not daemonize")
     m.add_argument(
         "--allow-other",
@@ -81,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--multipart-chunksize", dest="multipart_chunksize", help="default 8M")
     m.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING or ERROR")
     m.add_argument("--log-file", dest="log_file", help="log here instead of stderr (daemon default: syslog)")
+    st = sub.add_parser(
+        "status",
+        help="show what is in a cache",
+        description="Show cached bytes and files, "
+        "the cap, the hit ratio, evictions and pending uploads of a mount or a cache directory.",
+    )
+    st.add_argument("path", type=Path, help="a mount point or a cache directory")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -103,8 +118,14 @@ def config_from_args(argv: list[str]) -> tuple[str, Config]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        command, config = config_from_args(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["status"]:
+            from .status import main as status_main
+
+            args = _parser().parse_args(argv)
+            return status_main(args.path, args.json)
+        command, config = config_from_args(argv)
     except ConfigError as e:
         print(f"s3cachefs: error: {e}", file=sys.stderr)
         return EXIT_USAGE

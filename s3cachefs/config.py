@@ -212,6 +212,8 @@ class Config:
     # Keep at least this much free on the cache filesystem: bytes, or a fraction of it (0 < f < 1).
     cache_min_free: float = 0.0
     policies: tuple[PathPolicy, ...] = DEFAULT_POLICIES
+    # List the whole prefix in the background at every mount, to see what others changed in the bucket.
+    listing: bool = True
     foreground: bool = False
     allow_other: bool = False
     uid: int | None = None
@@ -251,6 +253,7 @@ MOUNT_FILE_KEYS = (
     "cache_max_age",
     "cache_min_free",
     "cache_policy",
+    "listing",
     "allow_other",
     "uid",
     "gid",
@@ -417,6 +420,7 @@ def build_config(values: Mapping[str, Any]) -> Config:
         "cache_min_free": min_free,
         "policies": policies,
         "foreground": bool(_bool(values, "foreground")),
+        "listing": _bool(values, "listing") is not False,
         "allow_other": bool(_bool(values, "allow_other")),
         "uid": _int(values, "uid", 0),
         "gid": _int(values, "gid", 0),

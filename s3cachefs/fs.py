@@ -78,6 +78,7 @@ def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
 class _Handle:
     ino: int
     fd: int | None = None  # read fd on a complete local copy, opened lazily at the first read
+    checked: bool = False  # the copy behind fd was verified (Cache.verify) by this handle or earlier
     writer: Writer | None = None
 
 
@@ -344,6 +345,11 @@ class Operations(pyfuse3.Operations):
             return os.pread(w.fd, size, off)
         if h.fd is None:
             h.fd = await self.cache.fetch(h.ino)
+            h.checked = True
+        elif not h.checked:
+            fd, h.fd = h.fd, None  # verify() owns it now, and may swap it for a fresh download
+            h.fd = await self.cache.verify(h.ino, fd)
+            h.checked = True
         # Local disk (usually the page cache): cheaper inline than a thread hop per 128 KiB read.
         return os.pread(h.fd, size, off)
 
@@ -377,6 +383,8 @@ class Operations(pyfuse3.Operations):
         self.cache.pins[h.ino] -= 1
         if self.cache.pins[h.ino] <= 0:
             del self.cache.pins[h.ino]
+            # It may have been kept over the cap only because it was open.
+            self.cache.make_room(0)
         if h.fd is not None:
             os.close(h.fd)
         if h.writer is not None:
@@ -385,8 +393,8 @@ class Operations(pyfuse3.Operations):
                 await self._end_write(h.writer, self.index.get(h.ino))
 
     async def _end_write(self, w: Writer, node: Node | None) -> None:
+        removed = await self.cache.finish_write(w)
         reverted = w.dirty and not w.unlinked
-        removed = self.cache.end_write(w)
         if reverted:
             # The kernel may still hold the bytes and size of the write that failed; S3 does not.
             await trio.to_thread.run_sync(_invalidate, w.ino, node if removed else None, limiter=self.limiter)

@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS nodes(
     seen INTEGER NOT NULL DEFAULT 0,
     rank INTEGER NOT NULL DEFAULT 1,
     max_age INTEGER,
+    md5 TEXT,
     UNIQUE(parent, name)
 );
 CREATE INDEX IF NOT EXISTS nodes_state ON nodes(state);
@@ -86,6 +87,7 @@ CREATE TABLE IF NOT EXISTS tombstones(relpath BLOB PRIMARY KEY);
 """
 
 _COLS = "ino, parent, name, state, size, etag, mtime_ns, atime, complete"
+_ADDED_COLUMNS = (("rank", "INTEGER NOT NULL DEFAULT 1"), ("max_age", "INTEGER"), ("md5", "TEXT"))
 
 
 def _node(row: tuple[int, int, bytes, int, int, str | None, int, int, int]) -> Node:
@@ -109,8 +111,12 @@ def split_key_path(relpath: str) -> list[bytes] | None:
 
 
 class Index:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readonly: bool = False):
         self.path = path
+        if readonly:
+            # For `s3cachefs status`: reads beside a running daemon (WAL allows that), changes nothing.
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            return
         # isolation_level=None: we manage transactions ourselves (BEGIN for the batched listing).
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -119,10 +125,11 @@ class Index:
         # was fsynced and renamed, and a forgotten row is found again by the next listing.
         self.db.execute("PRAGMA synchronous=NORMAL")
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(nodes)")}
-        if cols and "rank" not in cols:
+        if cols:  # an index made by an earlier version: add the columns it lacks
             self.db.execute("DROP INDEX IF EXISTS nodes_lru")
-            self.db.execute("ALTER TABLE nodes ADD COLUMN rank INTEGER NOT NULL DEFAULT 1")
-            self.db.execute("ALTER TABLE nodes ADD COLUMN max_age INTEGER")
+            for col, ddl in _ADDED_COLUMNS:
+                if col not in cols:
+                    self.db.execute(f"ALTER TABLE nodes ADD COLUMN {col} {ddl}")
         self.db.executescript(_SCHEMA)
         now = int(time.time())
         self.db.execute(
@@ -240,6 +247,14 @@ class Index:
 
     def move(self, ino: int, parent: int, name: bytes) -> None:
         self.db.execute("UPDATE nodes SET parent=?, name=? WHERE ino=?", (parent, name, ino))
+
+    def set_md5(self, ino: int, md5: str | None) -> None:
+        """MD5 of the bytes in data/<ino>, checked the first time they are read after a mount."""
+        self.db.execute("UPDATE nodes SET md5=? WHERE ino=?", (md5, ino))
+
+    def get_md5(self, ino: int) -> str | None:
+        row = self.db.execute("SELECT md5 FROM nodes WHERE ino=?", (ino,)).fetchone()
+        return None if row is None else row[0]
 
     def set_class(self, ino: int, klass: tuple[int, int | None]) -> None:
         self.db.execute("UPDATE nodes SET rank=?, max_age=? WHERE ino=?", (klass[0], klass[1], ino))

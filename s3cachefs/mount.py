@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, make_client
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY = 60.0
+STATS_EVERY = 5.0
 
 
 class StartupError(Exception):
@@ -53,6 +54,7 @@ class _Parts:
     ns: Namespace
     ops: Operations
     limiter: trio.CapacityLimiter
+    listing: bool
 
 
 def _setup_logging(config: Config, daemon: bool) -> None:
@@ -97,7 +99,7 @@ def _check_mountpoint(path: Path) -> os.stat_result:
 
 
 @contextlib.contextmanager
-def _locked_cache_dir(path: Path) -> Iterator[None]:
+def _locked_cache_dir(path: Path) -> Iterator[Callable[[], None]]:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path, 0o700)
@@ -110,9 +112,14 @@ def _locked_cache_dir(path: Path) -> Iterator[None]:
         except BlockingIOError:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise ConfigError(f"cache dir {path}: in use by another s3cachefs (pid {other})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+
+        def record_pid() -> None:
+            # Again after daemonizing: `status` reports the process that serves the mount.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+        record_pid()
+        yield record_pid
     finally:
         os.close(fd)
 
@@ -149,7 +156,7 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
     cache.recover()
     ns = Namespace(index, s3, cache, config.s3.prefix)
     ops = Operations(index, ns, cache, uid, gid, limiter)
-    return _Parts(index, cache, ns, ops, limiter)
+    return _Parts(index, cache, ns, ops, limiter, config.listing)
 
 
 def _sd_notify(message: str) -> None:
@@ -177,10 +184,24 @@ def _daemonize() -> None:
 
 
 async def _housekeeping(cache: Cache) -> None:
-    """Every minute: age limits, free space taken by others, batched access times, counters."""
+    """Every minute: age limits, free space taken by others, batched access times; counters more often."""
+    ticks = 0
     while True:
-        await trio.sleep(HOUSEKEEPING_EVERY)
-        cache.housekeeping()
+        await trio.sleep(STATS_EVERY)
+        ticks += 1
+        if ticks * STATS_EVERY >= HOUSEKEEPING_EVERY:
+            ticks = 0
+            cache.housekeeping()
+        else:
+            cache.persist_stats()
+
+
+def _fsname(config: Config) -> str:
+    """The mount's source as `mount` and `df` show it; `s3cachefs status MOUNTPOINT` reads the cache dir from it."""
+    cache_dir = str(config.cache_dir)
+    if any(c in cache_dir for c in ",\\ \t\n"):  # would break the mount option string
+        return f"s3cachefs:{config.s3.bucket}"
+    return f"s3cachefs:{cache_dir}"
 
 
 async def _serve(parts: _Parts) -> bool:
@@ -199,7 +220,8 @@ async def _serve(parts: _Parts) -> bool:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
-        nursery.start_soon(parts.ns.listing_task)
+        if parts.listing:
+            nursery.start_soon(parts.ns.listing_task)
         # A lowered cap, a fuller disk or entries that aged while unmounted: settle them first.
         parts.cache.housekeeping()
         nursery.start_soon(_housekeeping, parts.cache)
@@ -214,13 +236,13 @@ def run(config: Config) -> int:
     _setup_logging(config, daemon=False)
     try:
         st = _check_mountpoint(config.mountpoint)
-        with _locked_cache_dir(config.cache_dir):
+        with _locked_cache_dir(config.cache_dir) as record_pid:
             _check_s3(config)
             uid = st.st_uid if config.uid is None else config.uid
             gid = st.st_gid if config.gid is None else config.gid
             parts = _build(config, uid, gid)
             options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-            options |= {f"fsname=s3cachefs:{config.s3.bucket}", "subtype=s3cachefs"}
+            options |= {f"fsname={_fsname(config)}", "subtype=s3cachefs"}
             if config.allow_other:
                 options.add("allow_other")
             try:
@@ -239,6 +261,7 @@ def run(config: Config) -> int:
                 if config.log_file is None and not os.path.exists("/dev/log"):
                     log.warning("no syslog socket (/dev/log): the daemon's logs are lost; use --log-file")
                 _daemonize()
+                record_pid()
                 _setup_logging(config, daemon=True)
             unmount = True
             try:

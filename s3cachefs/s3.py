@@ -69,6 +69,7 @@ class ObjectInfo:
     size: int
     etag: str
     mtime_ns: int
+    md5: str | None = None  # hex MD5 of the bytes we sent or received, when we computed it
 
 
 def _translate(e: Exception, what: str) -> S3Error:
@@ -100,6 +101,23 @@ def _translate(e: Exception, what: str) -> S3Error:
 def _mtime_ns(obj: dict[str, Any]) -> int:
     lm = obj.get("LastModified")
     return int(lm.timestamp() * 1e9) if lm is not None else 0
+
+
+def md5_file(path: str) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def md5_fd(fd: int) -> str:
+    md5 = hashlib.md5()
+    off = 0
+    while chunk := os.pread(fd, _READ_CHUNK, off):
+        md5.update(chunk)
+        off += len(chunk)
+    return md5.hexdigest()
 
 
 def make_client(opts: S3Options) -> S3Client:
@@ -240,7 +258,7 @@ class S3:
                 ContentMD5=base64.b64encode(md5.digest()).decode(),
                 **self._extra_put_args(),
             )
-        return ObjectInfo(key, size, r.get("ETag", '"' + md5.hexdigest() + '"'), 0)
+        return ObjectInfo(key, size, r.get("ETag", '"' + md5.hexdigest() + '"'), 0, md5.hexdigest())
 
     async def _put_multipart(self, key: str, path: str, size: int) -> ObjectInfo:
         chunk = self.opts.multipart_chunksize
@@ -280,8 +298,15 @@ class S3:
             async with part_limiter:
                 await self._run(f"UploadPart {key} #{i + 1}", lambda: upload_part(i))
 
+        whole: list[str] = []
+
+        async def hash_task() -> None:
+            # The parts are hashed one by one for Content-MD5; the cache wants the whole file's MD5.
+            whole.append(await trio.to_thread.run_sync(md5_file, path, limiter=self.limiter))
+
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(hash_task)
                 for i in range(nparts):
                     nursery.start_soon(part_task, i)
             done = await self._run(
@@ -309,7 +334,7 @@ class S3:
                     # incomplete uploads reclaims their space.
                     log.warning("could not abort multipart upload of %s: %s", key, e)
             raise
-        return ObjectInfo(key, size, done.get("ETag", ""), 0)
+        return ObjectInfo(key, size, done.get("ETag", ""), 0, whole[0])
 
     async def get_to_file(self, key: str, f_path: str, expected_size: int | None = None) -> ObjectInfo:
         """Download `key` into the (new, empty) file `f_path`, fsync it, and verify it.
@@ -337,7 +362,7 @@ class S3:
             m = _MD5_ETAG.match(etag)
             if m and not self._sse and m.group(1).lower() != md5.hexdigest():
                 raise IntegrityError(f"GET {key}: MD5 {md5.hexdigest()} does not match ETag {etag}")
-            return ObjectInfo(key, length, etag, _mtime_ns(dict(r)))
+            return ObjectInfo(key, length, etag, _mtime_ns(dict(r)), md5.hexdigest())
 
         info = await self._run(f"GET {key}", fn)
         if expected_size is not None and info.size != expected_size:

@@ -1,0 +1,135 @@
+"""`s3cachefs status PATH`: what is in a cache, read from its index (beside a running daemon or not).
+
+PATH is a mount point (its cache directory is read from the mount's source in /proc/mounts, which
+the daemon sets to `s3cachefs:CACHE_DIR`) or a cache directory. The daemon saves its counters to the
+index every few seconds, so figures of a running mount are at most that old.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .index import Index
+
+
+def _unescape_mounts(field: str) -> str:
+    # /proc/mounts writes space, tab, newline and backslash as octal escapes.
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def cache_dir_of(path: Path) -> Path:
+    """The cache directory behind a mount point, or `path` itself if it is a cache directory."""
+    if (path / "index.sqlite").is_file():
+        return path
+    target = str(path.absolute())
+    with open("/proc/mounts") as f:
+        for line in f:
+            source, mnt, fstype = [*line.split(), "", "", ""][:3]
+            if _unescape_mounts(mnt) == target and fstype == "fuse.s3cachefs":
+                src = _unescape_mounts(source)
+                if src.startswith("s3cachefs:/"):
+                    return Path(src[len("s3cachefs:") :])
+                raise ConfigError(
+                    f"{path}: mounted without its cache directory in its source; give the cache directory instead"
+                )
+    raise ConfigError(f"{path}: neither an s3cachefs mount point nor a cache directory (no index.sqlite)")
+
+
+def _daemon_pid(cache_dir: Path) -> int | None:
+    try:
+        pid = int((cache_dir / "lock").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if not pid:
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"s3cachefs" in cmdline else None
+
+
+def collect(path: Path) -> dict[str, Any]:
+    cache_dir = cache_dir_of(path)
+    index = Index(cache_dir / "index.sqlite", readonly=True)
+    try:
+        summary = index.cache_summary()
+        stats = json.loads(index.get_meta("stats") or "{}")
+        limits = json.loads(index.get_meta("limits") or "{}")
+        identity = index.get_meta("identity")
+    finally:
+        index.close()
+    hits, misses = stats.get("hits", 0), stats.get("misses", 0)
+    return {
+        "cache_dir": str(cache_dir),
+        "source": identity,
+        "pid": _daemon_pid(cache_dir),
+        "cap_bytes": limits.get("cap"),
+        "min_free": limits.get("min_free"),
+        "cached_files": summary.get("cached_files", 0),
+        "cached_bytes": summary.get("cached_bytes", 0),
+        "local_only_files": summary.get("local_files", 0),
+        "local_only_bytes": summary.get("local_bytes", 0),
+        "remote_files": summary.get("remote_files", 0),
+        "pending_upload_files": summary.get("writing_files", 0),
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+        "evictions": stats.get("evictions", 0),
+        "evicted_bytes": stats.get("evicted_bytes", 0),
+        "uploads": stats.get("uploads", 0),
+        "uploaded_bytes": stats.get("uploaded_bytes", 0),
+        "damaged_refetched": stats.get("damaged", 0),
+    }
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def render(s: dict[str, Any]) -> str:
+    in_cache = s["cached_bytes"] + s["local_only_bytes"]
+    cap = s["cap_bytes"]
+    pct = f" ({100 * in_cache / cap:.0f}% of the cap)" if cap else ""
+    ratio = "n/a" if s["hit_ratio"] is None else f"{100 * s['hit_ratio']:.1f}%"
+    min_free = s["min_free"]
+    floor = "none" if not min_free else (f"{100 * min_free:.0f}%" if min_free < 1 else _size(int(min_free)))
+    lines = [
+        f"cache directory  {s['cache_dir']}",
+        f"source           {s['source'] or '?'}",
+        f"daemon           {'running, pid ' + str(s['pid']) if s['pid'] else 'not running'}",
+        f"in cache         {_size(in_cache)}{pct}, cap {_size(cap)}, free-space floor {floor}",
+        f"  cached         {s['cached_files']} files, {_size(s['cached_bytes'])} (also in S3)",
+        f"  local-only     {s['local_only_files']} files, {_size(s['local_only_bytes'])} (never uploaded)",
+        f"not cached       {s['remote_files']} files known in S3",
+        f"pending upload   {s['pending_upload_files']} files",
+        f"hits / misses    {s['hits']} / {s['misses']} (hit ratio {ratio})",
+        f"evictions        {s['evictions']} ({_size(s['evicted_bytes'])})",
+        f"uploads          {s['uploads']} ({_size(s['uploaded_bytes'])})",
+        f"damaged copies   {s['damaged_refetched']} found and fetched again",
+    ]
+    return "\n".join(lines)
+
+
+def main(path: Path, as_json: bool) -> int:
+    if not path.exists():
+        raise ConfigError(f"{path}: does not exist")
+    try:
+        s = collect(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
+    except sqlite3.Error as e:
+        raise ConfigError(f"{path}: cannot read the index: {e}") from None
+    print(json.dumps(s, indent=2) if as_json else render(s))
+    return 0
