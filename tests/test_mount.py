@@ -88,8 +88,9 @@ def test_nothing_appears_in_the_bucket_before_close(mounted: Mount, s3: S3Client
     assert keys(s3, mounted.bucket) == {ORIGINAL}
 
 
-def test_prefix_is_concatenated_to_the_relative_path_without_a_slash(make_mount: MakeMount, s3: S3Client,
-                                                                      bucket: str) -> None:
+def test_prefix_is_concatenated_to_the_relative_path_without_a_slash(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
     for prefix in ("foo", "media/"):
         m = make_mount(bucket=bucket, extra_args=["--prefix", prefix])
         store_like_synapse(m.path / ORIGINAL, b"abc")
@@ -136,8 +137,9 @@ def test_fsync_makes_the_data_durable_before_close(mounted: Mount, s3: S3Client)
     assert s3.get_object(Bucket=mounted.bucket, Key=ORIGINAL)["Body"].read() == b"synced part and the rest"
 
 
-def test_failed_upload_fails_close_and_leaves_nothing_in_the_bucket(make_mount: MakeMount,
-                                                                    own_s3server: S3Server) -> None:
+def test_failed_upload_fails_close_and_leaves_nothing_in_the_bucket(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
     m = make_mount(server=own_s3server, extra_args=FAST_FAIL)
     s3 = own_s3server.client()
     store_like_synapse(m.path / "local_content/aa/aa/before", b"ok")
@@ -160,7 +162,9 @@ def test_failed_upload_fails_close_and_leaves_nothing_in_the_bucket(make_mount: 
     assert s3.get_object(Bucket=m.bucket, Key=ORIGINAL)["Body"].read() == b"after the outage"
 
 
-def test_failed_overwrite_keeps_serving_the_version_in_s3(make_mount: MakeMount, own_s3server: S3Server) -> None:
+def test_failed_overwrite_keeps_serving_the_version_in_s3(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
     m = make_mount(server=own_s3server, extra_args=FAST_FAIL)
     path = m.path / ORIGINAL
     store_like_synapse(path, b"version in S3")
@@ -197,8 +201,9 @@ def test_read_after_the_cache_is_wiped_fetches_from_s3(make_mount: MakeMount) ->
     assert read_like_pillow(m.path / ORIGINAL) == data
 
 
-def test_objects_already_in_the_bucket_are_listed_and_served(make_mount: MakeMount, s3: S3Client,
-                                                              bucket: str) -> None:
+def test_objects_already_in_the_bucket_are_listed_and_served(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
     # Laid out the way synapse-s3-storage-provider writes them: plain objects, no metadata, no markers.
     objects = {ORIGINAL: os.urandom(5000)} | {f"{THUMB_DIR}/{t}": os.urandom(700) for t in THUMBS}
     for key, body in objects.items():
@@ -228,7 +233,9 @@ def test_a_torn_cache_file_is_never_served(make_mount: MakeMount) -> None:
 # -- metadata ---------------------------------------------------------------------------------------
 
 
-def test_stat_and_listing_of_known_files_make_no_s3_request(make_mount: MakeMount, s3server: S3Server) -> None:
+def test_stat_and_listing_of_known_files_make_no_s3_request(
+    make_mount: MakeMount, s3server: S3Server
+) -> None:
     m = make_mount(extra_args=FAST_FAIL)
     sizes = {f"{THUMB_DIR}/{t}": 100 * (i + 1) for i, t in enumerate(THUMBS)}
     for rel, size in sizes.items():
@@ -356,8 +363,9 @@ def _as_user(uid: int, action: Callable[[], object]) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def test_allow_other_lets_the_owner_in_and_default_permissions_keeps_others_out(make_mount: MakeMount,
-                                                                                tmp_path: Path) -> None:
+def test_allow_other_lets_the_owner_in_and_default_permissions_keeps_others_out(
+    make_mount: MakeMount, tmp_path: Path
+) -> None:
     owner, other = 4242, 4343
     # The mount point's parents must be searchable by the unprivileged users (pytest's are 0700).
     opened = [p for p in (tmp_path, *tmp_path.parents) if p != Path("/")]
@@ -392,21 +400,41 @@ def test_allow_other_lets_the_owner_in_and_default_permissions_keeps_others_out(
 
 def _run_cli(*args: str, server: S3Server, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = server.env() | {"PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "s3cachefs.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "s3cachefs.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize(
     ("case", "code"),
     [("missing bucket", 2), ("refused credentials", 2), ("unreachable endpoint", 1)],
 )
-def test_mount_fails_fast_and_clearly_before_the_mount_appears(s3server: S3Server, tmp_path: Path, case: str,
-                                                               code: int) -> None:
+def test_mount_fails_fast_and_clearly_before_the_mount_appears(
+    s3server: S3Server, tmp_path: Path, case: str, code: int
+) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     bucket = s3server.new_bucket()
-    args = ["mount", bucket, str(mnt), "-f", "--cache-dir", str(tmp_path / "cache"), "--region", "us-east-1",
-            "--endpoint-url", s3server.endpoint_url, "--max-attempts", "1"]
+    args = [
+        "mount",
+        bucket,
+        str(mnt),
+        "-f",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        s3server.endpoint_url,
+        "--max-attempts",
+        "1",
+    ]
     server = s3server
     if case == "missing bucket":
         args[1] = "no-such-bucket-here"
@@ -422,13 +450,25 @@ def test_mount_fails_fast_and_clearly_before_the_mount_appears(s3server: S3Serve
     assert not os.path.ismount(mnt)
 
 
-def test_a_second_instance_on_the_same_cache_dir_is_refused(make_mount: MakeMount, s3server: S3Server,
-                                                            tmp_path: Path) -> None:
+def test_a_second_instance_on_the_same_cache_dir_is_refused(
+    make_mount: MakeMount, s3server: S3Server, tmp_path: Path
+) -> None:
     m = make_mount()
     other = tmp_path / "other-mnt"
     other.mkdir()
-    r = _run_cli("mount", m.bucket, str(other), "-f", "--cache-dir", str(m.cache_dir), "--region", "us-east-1",
-                 "--endpoint-url", s3server.endpoint_url, server=s3server)
+    r = _run_cli(
+        "mount",
+        m.bucket,
+        str(other),
+        "-f",
+        "--cache-dir",
+        str(m.cache_dir),
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        s3server.endpoint_url,
+        server=s3server,
+    )
     assert r.returncode == 2 and "in use by another s3cachefs" in r.stderr, r.stderr
     assert not os.path.ismount(other)
 
@@ -448,8 +488,18 @@ def test_without_foreground_it_returns_once_mounted_and_serves_in_the_background
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     mnt.mkdir()
     bucket = s3server.new_bucket()
-    r = _run_cli("mount", bucket, str(mnt), "--cache-dir", str(cache), "--region", "us-east-1",
-                 "--endpoint-url", s3server.endpoint_url, server=s3server)
+    r = _run_cli(
+        "mount",
+        bucket,
+        str(mnt),
+        "--cache-dir",
+        str(cache),
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        s3server.endpoint_url,
+        server=s3server,
+    )
     try:
         assert r.returncode == 0, r.stderr
         assert os.path.ismount(mnt)

@@ -1,0 +1,335 @@
+"""The cache's life: bounded by cap, age and free space, ordered by media class, safe across kill -9.
+
+Real mounts on the SeaweedFS fixture, except the age test, which builds the Cache in-process on a real
+S3 server with an injected clock instead of sleeping for days.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from s3cachefs.cache import Cache, Limits
+from s3cachefs.config import DEFAULT_POLICIES, S3Options
+from s3cachefs.index import ROOT_INO, Index, State
+from s3cachefs.s3 import S3
+
+from .harness import REPO_ROOT, MakeMount, Mount, S3Server, bucket_objects, dir_bytes, files_under, wait_until
+from .test_mount import store_like_synapse
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MiB = 1024 * 1024
+
+
+def cached_copy(m: Mount, rel: str) -> Path:
+    """Where the cached bytes of `rel` live (data/XX/<ino>), whether or not they are there now."""
+    ino = os.stat(m.path / rel).st_ino
+    return m.cache_dir / "data" / f"{ino % 256:02x}" / str(ino)
+
+
+def status(m: Mount) -> dict[str, object]:
+    env = m.server.env() | {"PYTHONPATH": str(REPO_ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-m", "s3cachefs.cli", "status", str(m.path), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(r.stdout)
+    return result
+
+
+def test_cache_stays_under_its_cap_while_five_times_the_cap_is_written_and_read(
+    make_mount: MakeMount,
+) -> None:
+    cap = 4 * MiB
+    m = make_mount(extra_args=["--cache-size", str(cap)])
+    files = {f"local_content/ab/c{i:02d}/file{i:02d}": os.urandom(MiB // 2 + i) for i in range(40)}
+    for rel, data in files.items():  # 40 x 0.5 MiB = 5 x the cap
+        store_like_synapse(m.path / rel, data)
+        assert dir_bytes(m.cache_dir / "data") <= cap
+    for rel, data in files.items():  # most of them are cold again by now
+        assert (m.path / rel).read_bytes() == data
+        assert dir_bytes(m.cache_dir / "data") <= cap
+    # Counters reach the index every few seconds. Every file admitted beyond the 8 that fit under
+    # the cap (uploads, then downloads of the evicted ones) must have been evicted again.
+    assert wait_until(lambda: status(m)["uploads"] == len(files), 15), status(m)
+    s = {k: int(str(v)) for k, v in status(m).items() if k in ("uploads", "misses", "evictions")}
+    assert s["misses"] >= len(files) - 8, s
+    assert s["evictions"] >= s["uploads"] + s["misses"] - 8, s
+
+
+def test_remote_media_is_evicted_before_local_media(make_mount: MakeMount) -> None:
+    m = make_mount(extra_args=["--cache-size", str(4 * MiB)])
+    local = [f"local_content/ab/cd/l{i}" for i in range(2)]
+    remote = [f"remote_content/example.org/ab/cd/r{i}" for i in range(2)]
+    for rel in local + remote:  # exactly the cap; the remote files are the most recently used
+        store_like_synapse(m.path / rel, os.urandom(MiB))
+    assert all(cached_copy(m, rel).exists() for rel in local + remote)
+    store_like_synapse(m.path / "local_content/ab/cd/l2", os.urandom(MiB))
+    # One more MiB, and 1.4 MiB to free (down to 90% of the cap): both remote files go, though
+    # the local ones are older.
+    assert all(cached_copy(m, rel).exists() for rel in [*local, "local_content/ab/cd/l2"])
+    assert not any(cached_copy(m, rel).exists() for rel in remote)
+    # Still readable: evicted means "fetch again", never "lost".
+    assert all(len((m.path / rel).read_bytes()) == MiB for rel in remote)
+
+
+def test_an_open_file_being_read_slowly_is_never_evicted(make_mount: MakeMount) -> None:
+    m = make_mount(extra_args=["--cache-size", str(3 * MiB)])
+    data = os.urandom(MiB)
+    store_like_synapse(m.path / "local_content/aa/aa/slow", data)
+    with open(m.path / "local_content/aa/aa/slow", "rb") as f:
+        got = f.read(16 * 1024)
+        for i in range(12):  # 12 MiB of new media while the reader dawdles
+            store_like_synapse(m.path / f"local_content/bb/bb/other{i}", os.urandom(MiB))
+            assert cached_copy(m, "local_content/aa/aa/slow").exists()
+            got += f.read(64 * 1024)
+        got += f.read()
+    assert got == data
+    # Released: now it may go like any other file.
+    store_like_synapse(m.path / "local_content/bb/bb/last", os.urandom(MiB))
+    assert dir_bytes(m.cache_dir / "data") <= 3 * MiB
+
+
+def test_url_cache_files_never_reach_the_bucket_and_survive_a_remount(
+    make_mount: MakeMount, s3: S3Client
+) -> None:
+    m = make_mount(extra_args=["--cache-size", str(2 * MiB)])
+    preview = "url_cache/2026-11-21/abcdefghijklmnop"
+    thumb = "url_cache_thumbnails/2026-11-21/abcdefghijklmnop/32-32-image-png-crop"
+    store_like_synapse(m.path / preview, b"<html>preview</html>")
+    store_like_synapse(m.path / thumb, b"thumbnail")
+    store_like_synapse(m.path / "local_content/ab/cd/x", os.urandom(MiB))
+    # Over the cap: S3-backed files go, local-only files are not the cap's to take.
+    for i in range(3):
+        store_like_synapse(m.path / f"local_content/ab/cd/y{i}", os.urandom(MiB))
+    assert set(bucket_objects(s3, m.bucket)) == {"local_content/ab/cd/x"} | {
+        f"local_content/ab/cd/y{i}" for i in range(3)
+    }
+    m.unmount()
+    m.start()
+    assert (m.path / preview).read_bytes() == b"<html>preview</html>"
+    assert (m.path / thumb).read_bytes() == b"thumbnail"
+    assert status(m)["local_only_files"] == 2
+    os.remove(m.path / preview)  # Synapse's URL-cache expiry
+    assert not (m.path / preview).exists()
+
+
+def test_cache_keeps_the_free_space_floor(make_mount: MakeMount, tmp_path: Path) -> None:
+    small = tmp_path / "small-fs"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(small)], check=True)
+    try:
+        m = make_mount(
+            cache_dir=small / "cache", extra_args=["--cache-size", "1G", "--cache-min-free", "12M"]
+        )
+        for i in range(20):  # 20 MiB through a 24 MiB filesystem that must keep 12 MiB free
+            store_like_synapse(m.path / f"local_content/ab/cd/f{i}", os.urandom(MiB))
+            st = os.statvfs(small)
+            assert st.f_bavail * st.f_frsize >= 10 * MiB  # the floor, less one file in flight
+        m.unmount()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_age_eviction_follows_the_clock_not_the_calendar(s3server: S3Server, tmp_path: Path) -> None:
+    bucket = s3server.new_bucket()
+    client = s3server.client()
+    for name in ("old", "recent"):
+        client.put_object(Bucket=bucket, Key=f"local_content/ab/cd/{name}", Body=name.encode() * 1000)
+    now = [1_000_000.0]
+
+    async def scenario() -> None:
+        limiter = trio.CapacityLimiter(4)
+        s3 = S3(
+            S3Options(
+                bucket=bucket,
+                endpoint_url=s3server.endpoint_url,
+                region_name="us-east-1",
+                access_key_id=s3server.access_key,
+                secret_access_key=s3server.secret_key,
+            ),
+            limiter,
+        )
+        index = Index(tmp_path / "index.sqlite")
+        cache = Cache(
+            tmp_path,
+            index,
+            s3,
+            "",
+            Limits(cap=10 * MiB, default_max_age=30 * 86400, policies=DEFAULT_POLICIES),
+            limiter,
+            clock=lambda: now[0],
+        )
+        cache.recover()
+        parent = ROOT_INO
+        for comp in (b"local_content", b"ab", b"cd"):
+            parent = index.add_dir(parent, comp, complete=True).ino
+        inos = {}
+        for name in ("old", "recent"):
+            rel = f"local_content/ab/cd/{name}"
+            node = index.add_file(
+                parent,
+                name.encode(),
+                State.REMOTE,
+                3000 if name == "old" else 6000,
+                None,
+                0,
+                0,
+                cache.klass(rel).columns,
+                atime=int(now[0]),
+            )
+            os.close(await cache.fetch(node.ino))
+            inos[name] = node.ino
+        now[0] += 20 * 86400
+        cache.touch(inos["recent"])  # read 20 days later
+        now[0] += 15 * 86400  # "old" is now 35 days unused, "recent" 15
+        assert cache.evict_aged() == 1
+        old, recent = index.get(inos["old"]), index.get(inos["recent"])
+        assert (
+            old is not None and old.state == State.REMOTE and not os.path.exists(cache.data_path(inos["old"]))
+        )
+        assert (
+            recent is not None
+            and recent.state == State.CACHED
+            and os.path.exists(cache.data_path(inos["recent"]))
+        )
+        index.close()
+
+    trio.run(scenario)
+
+
+def test_a_damaged_cached_copy_is_dropped_and_fetched_again(make_mount: MakeMount) -> None:
+    m = make_mount()
+    data = os.urandom(256 * 1024)
+    store_like_synapse(m.path / "local_content/ab/cd/x", data)
+    copy = cached_copy(m, "local_content/ab/cd/x")
+    m.unmount()
+    with open(copy, "r+b") as f:  # same length, one byte different: a size check cannot see it
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    m.start()
+    assert (m.path / "local_content/ab/cd/x").read_bytes() == data
+    assert wait_until(lambda: status(m)["damaged_refetched"] == 1, 15), status(m)
+
+
+def test_kill_9_during_an_upload_leaves_the_object_whole_or_absent(
+    make_mount: MakeMount, s3: S3Client
+) -> None:
+    m = make_mount()
+    rel = "local_content/ab/cd/big"
+    data = os.urandom(48 * MiB)
+    outcome: list[BaseException | None] = []
+
+    def writer() -> None:
+        try:
+            store_like_synapse(m.path / rel, data, chunk=4 * MiB)
+            outcome.append(None)
+        except BaseException as e:  # the daemon dies under us: ENOTCONN or similar
+            outcome.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    staging = m.cache_dir / "tmp"
+    # Kill once every byte is written, i.e. while close() is uploading.
+    assert wait_until(lambda: any(p.stat().st_size == len(data) for p in files_under(staging)), 60)
+    m.kill()
+    t.join(60)
+    in_bucket = bucket_objects(s3, m.bucket)
+    assert in_bucket.get(rel, data) == data, "never a partial object"
+    assert s3.list_objects_v2(Bucket=m.bucket)["KeyCount"] <= 1
+    if outcome and outcome[0] is None:
+        assert rel in in_bucket, "close() returned success, so the object must be there"
+    m.start()
+    assert not list(files_under(staging)), "staging files from the crash are gone"
+    path = m.path / rel
+    if rel in in_bucket:
+        assert path.read_bytes() == data
+    else:
+        assert not path.exists()
+
+
+def test_kill_9_during_a_download_then_remount_serves_whole_bytes(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    rel = "remote_content/example.org/ab/cd/big"
+    data = os.urandom(48 * MiB)
+    s3.put_object(Bucket=bucket, Key=rel, Body=data)
+    m = make_mount(bucket=bucket)
+
+    def reader() -> None:
+        with contextlib.suppress(OSError):  # the daemon is killed under it
+            (m.path / rel).read_bytes()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert wait_until(lambda: any(p.stat().st_size > 0 for p in files_under(m.cache_dir / "tmp")), 60)
+    m.kill()
+    t.join(60)
+    m.start()
+    assert (m.path / rel).read_bytes() == data
+    assert cached_copy(m, rel).stat().st_size == len(data)
+
+
+def test_status_shows_a_running_mount_and_its_cache(make_mount: MakeMount) -> None:
+    m = make_mount(extra_args=["--cache-size", "64M"])
+    store_like_synapse(m.path / "local_content/ab/cd/x", os.urandom(100_000))
+    (m.path / "local_content/ab/cd/x").read_bytes()
+    assert wait_until(lambda: status(m)["uploads"] == 1, 15), "counters are saved every few seconds"
+    s = status(m)
+    assert s["pid"] == (m.proc.pid if m.proc else None)
+    assert (s["cap_bytes"], s["cached_files"], s["cached_bytes"]) == (64 * MiB, 1, 100_000)
+    assert s["pending_upload_files"] == 0
+    m.unmount()
+    s = status(Mount(m.server, m.bucket, m.cache_dir, m.cache_dir, m.log_path))  # by cache dir, no daemon
+    assert s["pid"] is None and s["cached_files"] == 1
+
+
+def test_an_empty_flush_never_puts_an_empty_object(mounted: Mount, s3: S3Client) -> None:
+    path = mounted.path / "local_content/ab/cd/x"
+    path.parent.mkdir(parents=True)
+    # What `cmd > file` does: open, dup2 onto stdout, close the original (a FUSE flush), then write.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    dup = os.dup(fd)
+    os.close(fd)
+    assert bucket_objects(s3, mounted.bucket) == {}
+    os.write(dup, b"content")
+    os.close(dup)
+    assert bucket_objects(s3, mounted.bucket) == {"local_content/ab/cd/x": b"content"}
+
+
+def test_an_empty_file_is_kept_locally_and_an_emptied_object_is_deleted(mounted: Mount, s3: S3Client) -> None:
+    empty = mounted.path / "local_content/ab/cd/empty"
+    store_like_synapse(empty, b"")
+    assert empty.exists() and empty.stat().st_size == 0
+    store_like_synapse(mounted.path / "local_content/ab/cd/full", b"bytes")
+    with open(mounted.path / "local_content/ab/cd/full", "wb"):
+        pass
+    assert bucket_objects(s3, mounted.bucket) == {}, "no 0-byte object, and no stale old version"
+    assert (mounted.path / "local_content/ab/cd/full").read_bytes() == b""
+
+
+def test_a_policy_from_the_config_file_replaces_the_defaults(
+    make_mount: MakeMount, s3: S3Client, tmp_path: Path
+) -> None:
+    conf = tmp_path / "s3cachefs.toml"
+    conf.write_text('[[cache_policy]]\nprefix = "scratch/"\nlocal_only = true\n')
+    m = make_mount(extra_args=["--config", str(conf)])
+    store_like_synapse(m.path / "scratch/a", b"local")
+    store_like_synapse(m.path / "url_cache/2026-11-21/x", b"uploaded now: the defaults were replaced")
+    assert set(bucket_objects(s3, m.bucket)) == {"url_cache/2026-11-21/x"}
