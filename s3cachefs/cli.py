@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--endpoint-url", dest="endpoint_url", help="S3 endpoint, e.g. http://127.0.0.1:8333")
     m.add_argument("--region", dest="region_name", help="S3 region name")
     m.add_argument(
+        "--ca-bundle", dest="ca_bundle", help="CA certificates (PEM) for an endpoint with a private CA"
+    )
+    m.add_argument(
         "--storage-class",
         dest="storage_class",
         help="STANDARD (default), REDUCED_REDUNDANCY, STANDARD_IA, ONEZONE_IA or INTELLIGENT_TIERING",

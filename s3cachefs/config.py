@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import re
@@ -17,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -154,6 +157,8 @@ class S3Options:
     read_timeout: float = 30.0
     # Total attempts per request, first try included (botocore "standard" retry mode).
     max_attempts: int = 4
+    # PEM file of CA certificates for an endpoint with a private CA; TLS is always verified.
+    ca_bundle: str | None = None
     multipart_threshold: int = 16 * 1024**2
     multipart_chunksize: int = 8 * 1024**2
 
@@ -245,7 +250,9 @@ S3_FILE_KEYS = (
     "max_attempts",
     "multipart_threshold",
     "multipart_chunksize",
+    "ca_bundle",
 )
+SECRET_KEYS = ("secret_access_key", "session_token", "sse_customer_key")
 MOUNT_FILE_KEYS = (
     "mountpoint",
     "cache_dir",
@@ -277,6 +284,17 @@ def load_config_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(S3_FILE_KEYS) - set(MOUNT_FILE_KEYS))
     if unknown:
         raise ConfigError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
+    secrets = sorted(k for k in SECRET_KEYS if data.get(k))
+    if secrets:
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            # A warning, not an error: refusing would take a homeserver's media offline over a chmod.
+            log.warning(
+                "config file %s holds %s but is readable by others (mode %o); chmod 600 it",
+                path,
+                ", ".join(secrets),
+                mode & 0o777,
+            )
     return data
 
 
@@ -356,6 +374,9 @@ def build_config(values: Mapping[str, Any]) -> Config:
         raise ConfigError(
             f"endpoint_url: expected http://host[:port] or https://host[:port], got {endpoint!r}"
         )
+    ca_bundle = _str(values, "ca_bundle")
+    if ca_bundle is not None and not os.path.isfile(ca_bundle):
+        raise ConfigError(f"ca_bundle: no such file: {ca_bundle}")
     sse_key = _str(values, "sse_customer_key")
     sse_algo = _str(values, "sse_customer_algo") or "AES256"
     if sse_algo != "AES256":
@@ -372,6 +393,7 @@ def build_config(values: Mapping[str, Any]) -> Config:
         "sse_customer_key": sse_key,
         "sse_customer_algo": sse_algo,
         "storage_class": storage_class,
+        "ca_bundle": os.path.abspath(ca_bundle) if ca_bundle else None,
     }
     for name, minimum in (("threadpool_size", 1), ("max_pool_connections", 1), ("max_attempts", 1)):
         n = _int(values, name, minimum)

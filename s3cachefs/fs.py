@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 
 from .cache import Cache, Writer
-from .index import Index, Node, State
+from .index import Index, Node, State, check_new_name
 from .namespace import Namespace
 from .s3 import AccessDenied, NotFound, S3Error
 
@@ -315,8 +315,7 @@ class Operations(pyfuse3.Operations):
             if node.is_dir:
                 raise OSError(errno.EISDIR, "create")
         else:
-            if len(name) > 255:
-                raise OSError(errno.ENAMETOOLONG, "create")
+            check_new_name(name)
             self.ns.dir_node(parent_inode)
             # Nothing goes to S3 here (no 0-byte placeholder): the object appears at close().
             rel = self.ns.relpath_of(parent_inode, name)

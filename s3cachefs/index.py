@@ -15,6 +15,7 @@ the last full listing that saw the object (used to drop entries for objects dele
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import time
@@ -92,6 +93,16 @@ _ADDED_COLUMNS = (("rank", "INTEGER NOT NULL DEFAULT 1"), ("max_age", "INTEGER")
 
 def _node(row: tuple[int, int, bytes, int, int, str | None, int, int, int]) -> Node:
     return Node(row[0], row[1], bytes(row[2]), State(row[3]), row[4], row[5], row[6], row[7], bool(row[8]))
+
+
+def check_new_name(name: bytes) -> None:
+    """A name the mount may create: it becomes part of an object key, which S3 requires to be UTF-8."""
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OSError(errno.EILSEQ, "S3 keys must be UTF-8; this name is not") from None
 
 
 def split_key_path(relpath: str) -> list[bytes] | None:

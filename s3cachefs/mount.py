@@ -233,6 +233,8 @@ async def _serve(parts: _Parts) -> bool:
 
 
 def run(config: Config) -> int:
+    # Everything we create (cache files, index, logs) is for this process only: 0600 files, 0700 dirs.
+    os.umask(0o077)
     _setup_logging(config, daemon=False)
     try:
         st = _check_mountpoint(config.mountpoint)

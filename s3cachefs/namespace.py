@@ -21,7 +21,7 @@ import cachetools
 import trio
 
 from .cache import Cache, Klass
-from .index import NAME_MAX, ROOT_INO, Index, Node, State, split_key_path
+from .index import NAME_MAX, ROOT_INO, Index, Node, State, check_new_name, split_key_path
 from .s3 import S3, ObjectInfo, S3Error
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ class Namespace:
         pnode = self.dir_node(parent)
         if pnode.complete or len(name) > NAME_MAX or name in (b".", b".."):
             return None
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            return None  # no object key can have this name
         rel = self.relpath_of(parent, name)
         if rel in self.negative:
             return None
@@ -187,14 +191,16 @@ class Namespace:
         if not o.key.startswith(self.prefix):
             return
         rel = o.key[len(self.prefix) :]
-        parts = split_key_path(rel)
+        # "a/b/" is a directory marker left by other tools (s3fs, the S3 console): show the directory.
+        marker = rel.endswith("/")
+        parts = split_key_path(rel[:-1] if marker else rel)
         if parts is None:
             self.skipped_keys += 1
             log.debug("hiding key %r: not a safe path", o.key)
             return
         parent = ROOT_INO
         dir_rel = ""
-        for comp in parts[:-1]:
+        for comp in parts if marker else parts[:-1]:
             dir_rel = dir_rel + "/" + comp.decode("utf-8", "surrogateescape")
             cached = dirs.get(dir_rel)
             if cached is not None:
@@ -209,6 +215,8 @@ class Namespace:
                 self.skipped_keys += 1
                 return
             parent = dirs[dir_rel] = node.ino
+        if marker:
+            return
         name = parts[-1]
         node = self.index.lookup(parent, name)
         if node is None:
@@ -233,8 +241,7 @@ class Namespace:
     # -- changes ------------------------------------------------------------------------------------
 
     async def mkdir(self, parent: int, name: bytes) -> Node:
-        if len(name) > NAME_MAX:
-            raise _err(errno.ENAMETOOLONG, "mkdir")
+        check_new_name(name)
         if await self.lookup(parent, name) is not None:
             raise _err(errno.EEXIST, "mkdir")
         # No marker object: the directory exists in the index until keys below it make it real in S3.
@@ -290,8 +297,7 @@ class Namespace:
         if src is None:
             raise _err(errno.ENOENT, "rename")
         self.dir_node(p_new)
-        if len(n_new) > NAME_MAX:
-            raise _err(errno.ENAMETOOLONG, "rename")
+        check_new_name(n_new)
         dst = await self.lookup(p_new, n_new)
         if dst is not None and dst.ino == src.ino:
             return

@@ -137,7 +137,9 @@ def make_client(opts: S3Options) -> S3Client:
         aws_session_token=opts.session_token,
         region_name=opts.region_name,
     )
-    return session.client("s3", endpoint_url=opts.endpoint_url, config=cfg)
+    # verify: TLS certificates are always checked; a private CA is added with ca_bundle, never by
+    # turning verification off.
+    return session.client("s3", endpoint_url=opts.endpoint_url, config=cfg, verify=opts.ca_bundle or True)
 
 
 class S3:
