@@ -52,13 +52,73 @@ import trio
 
 from .config import DEFAULT_RANK, PathPolicy, policy_for
 from .index import IN_CACHE, Index, Node, State
-from .s3 import S3, S3Error, md5_fd
+from .s3 import S3, IntegrityError, S3Error, md5_fd
 
 log = logging.getLogger(__name__)
 
 # When the cap is hit, evict down to this fraction of it, so eviction runs in batches rather than on
 # every single fill.
 LOW_WATERMARK = 0.9
+
+
+@dataclass(eq=False)
+class Download:
+    """One cold file coming in from S3, shared by all its readers (see Cache.open_download)."""
+
+    ino: int
+    tmp: str
+    fd: int
+    size: int  # the index's idea of the size, until the first response tells
+    part_size: int
+    users: int = 0
+    received: list[int] = field(default_factory=lambda: [0])
+    available: int = 0  # bytes from offset 0 that are all on disk
+    nparts: int = 1
+    done: bool = False
+    error: BaseException | None = None
+    inline: Node | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def plan(self, total: int) -> None:
+        self.size = total
+        self.nparts = max(1, -(-total // self.part_size)) if total > self.part_size else 1
+        self.received += [0] * (self.nparts - len(self.received))
+        self._recount()
+
+    def progress(self, part: int, n: int) -> None:
+        self.received[part] = n
+        self._recount()
+
+    def _recount(self) -> None:
+        avail = 0
+        for i, n in enumerate(self.received):
+            avail += n
+            if i == len(self.received) - 1 or n < self.part_size:
+                break
+        if avail != self.available:
+            self.available = avail
+            self._wake()
+
+    def _wake(self) -> None:
+        ev, self.changed = self.changed, trio.Event()
+        ev.set()
+
+    def finish(self, error: BaseException | None) -> None:
+        self.done, self.error = True, error
+        self._wake()
+
+    async def wait_until(self, end: int | None) -> None:
+        """Return once bytes [0, end) are on disk (end None: the whole object, verified)."""
+        if self.inline is not None:
+            raise AssertionError("in-process downloads without a nursery are run by Cache.fetch")
+        while not self.done and (end is None or self.available < min(end, self.size)):
+            await self.changed.wait()
+        if self.error is not None:
+            raise OSError(errno.EIO, f"download failed: {self.error}")
+
+    async def read(self, off: int, size: int) -> bytes:
+        await self.wait_until(off + size)
+        return os.pread(self.fd, size, off)
 
 
 @dataclass(eq=False)
@@ -84,6 +144,9 @@ class Limits:
     min_free: float = 0.0
     default_max_age: float | None = None
     policies: tuple[PathPolicy, ...] = ()
+    # Cold reads: objects above one part are fetched as parallel ranged GETs of this size.
+    read_part_size: int = 8 * 1024 * 1024
+    read_concurrency: int = 8
 
 
 @dataclass(frozen=True)
@@ -128,7 +191,10 @@ class Cache:
         self.clock = clock
         self.pins: Counter[int] = Counter()  # open handles per inode: never evicted while > 0
         self.writers: dict[int, Writer] = {}
-        self._fetching: dict[int, trio.Event] = {}
+        self._downloads: dict[int, Download] = {}
+        # Set by the composition root: downloads run as tasks of the mount's nursery, so they go on
+        # when the request that started them is answered.
+        self.nursery: trio.Nursery | None = None
         self._atimes: dict[int, int] = {}
         # Inodes whose cached bytes were hashed (or written) by this process; bounded, so a file that
         # falls out is simply hashed again on its next first read.
@@ -140,6 +206,7 @@ class Cache:
         self.cached_bytes = index.cached_bytes()
         self.stats: Counter[str] = Counter()
         self._stats_base: Counter[str] = Counter(json.loads(index.get_meta("stats") or "{}"))
+        self._saves = int(index.get_meta("saves") or 0)
 
     # -- policy -------------------------------------------------------------------------------------
 
@@ -267,10 +334,7 @@ class Cache:
         return await self.fetch(ino)
 
     async def fetch(self, ino: int) -> int:
-        """An fd on a complete local copy of the file's object, downloading it if needed.
-
-        Concurrent readers of the same cold file share one download.
-        """
+        """An fd on a complete local copy of the file's object, downloading it if needed."""
         while True:
             node = self.index.get(ino)
             if node is None:
@@ -278,33 +342,105 @@ class Cache:
             fd = self.open_cached(node)
             if fd is not None:
                 return fd
-            ev = self._fetching.get(ino)
-            if ev is None:
-                break
-            await ev.wait()
+            d = self.open_download(node)
+            try:
+                if d.inline is not None:
+                    inline, d.inline = d.inline, None
+                    await self._download(d, inline)
+                await d.wait_until(None)
+                return os.dup(d.fd)
+            finally:
+                self.close_download(d)
 
-        ev = self._fetching[ino] = trio.Event()
-        tmp = self._tmp("get", ino)
-        try:
+    def open_download(self, node: Node) -> Download:
+        """Join the download of a cold file, or start it. The caller must close_download() it.
+
+        Concurrent readers share one download, and each is served as soon as its bytes have
+        arrived, not when the whole object is in.
+        """
+        d = self._downloads.get(node.ino)
+        if d is None:
+            tmp = self._tmp("get", node.ino)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            d = self._downloads[node.ino] = Download(node.ino, tmp, fd, node.size, self.limits.read_part_size)
+            d.users += 1  # the download task's own reference
             self.stats["misses"] += 1
-            info = await self.s3.get_to_file(self.key(ino), tmp, expected_size=node.size)
+            if self.nursery is not None:
+                self.nursery.start_soon(self._download, d, node)
+            else:
+                d.inline = node  # no nursery (in-process use): the first waiter runs it
+        d.users += 1
+        return d
+
+    def close_download(self, d: Download) -> None:
+        d.users -= 1
+        if d.users == 0:
+            os.close(d.fd)
+
+    async def _download(self, d: Download, node: Node) -> None:
+        key = self.key(d.ino)
+        committed = False
+        try:
+            part = self.limits.read_part_size
+            if node.size <= part:
+                # Small (most media): exactly one GET, no Range header, hashed as it streams.
+                r = await self.s3.get_range(key, d.fd, 0, None, lambda n: d.progress(0, n))
+                d.plan(r.total)
+                md5 = r.md5
+            else:
+                r = await self.s3.get_range(key, d.fd, 0, part - 1, lambda n: d.progress(0, n))
+                d.plan(r.total)
+                # The rest in parallel ranged GETs, started in order (the limiter is FIFO), so a
+                # sequential reader finds the next part already on its way: that is the read-ahead.
+                limiter = trio.CapacityLimiter(self.limits.read_concurrency)
+
+                async def fetch_part(i: int) -> None:
+                    async with limiter:
+                        start = i * part
+                        end = min(start + part, r.total) - 1
+                        await self.s3.get_range(
+                            key, d.fd, start, end, lambda n: d.progress(i, n), if_match=r.etag
+                        )
+
+                async with trio.open_nursery() as parts:
+                    for i in range(1, d.nparts):
+                        parts.start_soon(fetch_part, i)
+                md5 = await trio.to_thread.run_sync(md5_fd, d.fd, limiter=self.limiter)
+            assert md5 is not None
+            if os.fstat(d.fd).st_size != r.total:
+                raise IntegrityError(
+                    f"GET {key}: {os.fstat(d.fd).st_size} bytes on disk, object has {r.total}"
+                )
+            if self.s3.etag_is_md5_of(r.etag, md5) is False:
+                raise IntegrityError(f"GET {key}: MD5 {md5} does not match ETag {r.etag}")
+            await trio.to_thread.run_sync(os.fsync, d.fd, limiter=self.limiter)
             # The awaits above let other requests run: re-read the row before trusting it.
-            cur = self.index.get(ino)
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            if cur is None or cur.state != State.REMOTE or ino in self.writers:
-                # Unlinked, or rewritten meanwhile: serve these bytes to this reader, cache nothing.
-                return fd
-            self.make_room(info.size)
-            self._place(tmp, ino)
-            self.index.set_object(ino, State.CACHED, info.size, info.etag, cur.mtime_ns, self.listing_gen)
-            self.index.set_md5(ino, info.md5)
-            self._verified[ino] = True
-            self.cached_bytes += info.size
-            return fd
+            cur = self.index.get(d.ino)
+            if cur is not None and cur.state == State.REMOTE and d.ino not in self.writers:
+                self.make_room(r.total)
+                self._place(d.tmp, d.ino)
+                committed = True
+                self.index.set_object(d.ino, State.CACHED, r.total, r.etag, cur.mtime_ns, self.listing_gen)
+                self.index.set_md5(d.ino, md5)
+                self._verified[d.ino] = True
+                self.cached_bytes += r.total
+            # else: unlinked or rewritten meanwhile: its readers get these bytes, the cache nothing.
+            d.finish(None)
+        except trio.Cancelled as e:  # the mount is going down
+            d.finish(e)
+            raise
+        except Exception as e:
+            # Its readers get EIO; the mount stays up (this runs in the mount's nursery).
+            d.finish(e)
+            if isinstance(e, S3Error | OSError):
+                log.warning("download of %s failed: %s", key, e)
+            else:
+                log.exception("download of %s failed", key)
         finally:
-            _unlink_quiet(tmp)
-            del self._fetching[ino]
-            ev.set()
+            del self._downloads[d.ino]
+            if not committed:
+                _unlink_quiet(d.tmp)
+            self.close_download(d)
 
     # -- writes -------------------------------------------------------------------------------------
 
@@ -456,7 +592,7 @@ class Cache:
             w.unlinked = True
 
     def busy(self, ino: int) -> bool:
-        return self.pins[ino] > 0 or ino in self.writers or ino in self._fetching
+        return self.pins[ino] > 0 or ino in self.writers or ino in self._downloads
 
     def _evict(self, ino: int, size: int, state: State) -> None:
         self._unlink_data(ino)
@@ -575,12 +711,19 @@ class Cache:
             "min_free": self.limits.min_free,
             "in_cache_bytes": self.cached_bytes,
             **self.index.cache_summary(),
-            **{f"stat_{k}": v for k, v in (self._stats_base + self.stats).items()},
+            **{f"stat_{k}": v for k, v in self.counters().items()},
         }
+
+    def counters(self) -> Counter[str]:
+        """Cumulative counters (across restarts), S3 calls per operation included."""
+        calls = Counter({f"s3_{op}": n for op, n in self.s3.calls.items()})
+        return self._stats_base + self.stats + calls
 
     def persist_stats(self) -> None:
         """Counters survive restarts, for `s3cachefs status`."""
-        self.index.set_meta("stats", json.dumps(dict(self._stats_base + self.stats)))
+        self._saves += 1
+        self.index.set_meta("stats", json.dumps(dict(self.counters())))
+        self.index.set_meta("saves", str(self._saves))
         self.index.set_meta("limits", json.dumps({"cap": self.limits.cap, "min_free": self.limits.min_free}))
 
 

@@ -87,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--max-attempts", dest="max_attempts", type=int, help="attempts per S3 request (default 4)"
     )
+    m.add_argument(
+        "--read-part-size", dest="read_part_size", help="part size of parallel cold reads (default 8M)"
+    )
+    m.add_argument(
+        "--read-concurrency",
+        dest="read_concurrency",
+        type=int,
+        help="parallel ranged GETs per cold file (default 8)",
+    )
     m.add_argument("--multipart-threshold", dest="multipart_threshold", help="default 16M")
     m.add_argument("--multipart-chunksize", dest="multipart_chunksize", help="default 8M")
     m.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING or ERROR")
@@ -99,6 +108,56 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("path", type=Path, help="a mount point or a cache directory")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    im = sub.add_parser(
+        "import",
+        help="upload an existing media_store to BUCKET",
+        description="Upload the files under SRC_DIR (an existing media_store) to BUCKET, key = prefix + "
+        "relative path, so that Synapse can switch to the mount. Objects already in S3 with the same size "
+        "and checksum are skipped, so an interrupted run resumes; every upload is verified. S3 flags and "
+        "--config as for `mount` (mount-only keys in the file are ignored). Exit 0 when every file is in "
+        "S3 and verified, 1 otherwise.",
+    )
+    im.add_argument("src", type=Path, metavar="SRC_DIR", help="the media_store to upload")
+    im.add_argument(
+        "bucket", nargs="?", metavar="BUCKET", help="bucket name (or `bucket` in the config file)"
+    )
+    im.add_argument("--config", type=Path, metavar="FILE", help="TOML file, the same as for mount")
+    for flag, help_ in (
+        ("--prefix", "key prefix, concatenated to the relative path as is (no slash added)"),
+        ("--endpoint-url", "S3 endpoint, e.g. http://127.0.0.1:8333"),
+        ("--region", "S3 region name"),
+        ("--ca-bundle", "CA certificates (PEM) for an endpoint with a private CA"),
+        ("--storage-class", "STANDARD (default), REDUCED_REDUNDANCY, STANDARD_IA, ONEZONE_IA, ..."),
+        ("--max-pool-connections", "HTTP connections kept to S3 (default: --jobs)"),
+        ("--connect-timeout", "S3 connect timeout (default 5s)"),
+        ("--read-timeout", "S3 read timeout (default 30s)"),
+        ("--max-attempts", "attempts per S3 request (default 4)"),
+        ("--multipart-threshold", "files this large or larger go up in parts (default 16M)"),
+        ("--multipart-chunksize", "part size (default 8M)"),
+    ):
+        dest = "region_name" if flag == "--region" else flag[2:].replace("-", "_")
+        im.add_argument(flag, dest=dest, help=help_)
+    im.add_argument("-j", "--jobs", type=int, default=8, help="files uploaded in parallel (default 8)")
+    im.add_argument(
+        "-n", "--dry-run", action="store_true", help="list what would be uploaded or skipped; change nothing"
+    )
+    im.add_argument(
+        "--delete-source",
+        action="store_true",
+        help="delete each source file once it is verified in S3 (files skipped because S3 already holds "
+        "the same bytes count as verified and are deleted too), then the directories this empties; "
+        "never SRC_DIR itself, never a file that failed or was not looked at",
+    )
+    im.add_argument(
+        "--include-url-cache",
+        action="store_true",
+        help="also upload url_cache* (skipped by default: URL previews are local-only, as with the provider)",
+    )
+    im.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (none either when stderr is not a terminal)",
+    )
     return p
 
 
@@ -128,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
             args = _parser().parse_args(argv)
             return status_main(args.path, args.json)
+        if argv[:1] == ["import"]:
+            args = _parser().parse_args(argv)
+            from .importer import main as import_main  # after parsing: boto3 is slow to import for --help
+
+            return import_main(args)
         command, config = config_from_args(argv)
     except ConfigError as e:
         print(f"s3cachefs: error: {e}", file=sys.stderr)

@@ -159,6 +159,9 @@ class S3Options:
     max_attempts: int = 4
     # PEM file of CA certificates for an endpoint with a private CA; TLS is always verified.
     ca_bundle: str | None = None
+    # Cold reads of objects above one part use parallel ranged GETs of this size.
+    read_part_size: int = 8 * 1024**2
+    read_concurrency: int = 8
     multipart_threshold: int = 16 * 1024**2
     multipart_chunksize: int = 8 * 1024**2
 
@@ -251,6 +254,8 @@ S3_FILE_KEYS = (
     "multipart_threshold",
     "multipart_chunksize",
     "ca_bundle",
+    "read_part_size",
+    "read_concurrency",
 )
 SECRET_KEYS = ("secret_access_key", "session_token", "sse_customer_key")
 MOUNT_FILE_KEYS = (
@@ -395,7 +400,12 @@ def build_config(values: Mapping[str, Any]) -> Config:
         "storage_class": storage_class,
         "ca_bundle": os.path.abspath(ca_bundle) if ca_bundle else None,
     }
-    for name, minimum in (("threadpool_size", 1), ("max_pool_connections", 1), ("max_attempts", 1)):
+    for name, minimum in (
+        ("threadpool_size", 1),
+        ("max_pool_connections", 1),
+        ("max_attempts", 1),
+        ("read_concurrency", 1),
+    ):
         n = _int(values, name, minimum)
         if n is not None:
             s3_kwargs[name] = n
@@ -403,7 +413,7 @@ def build_config(values: Mapping[str, Any]) -> Config:
         secs = _seconds(values, name, positive=True)
         if secs is not None:
             s3_kwargs[name] = secs
-    for name in ("multipart_threshold", "multipart_chunksize"):
+    for name in ("multipart_threshold", "multipart_chunksize", "read_part_size"):
         if values.get(name) is not None:
             s3_kwargs[name] = parse_size(values[name], name)
     if "multipart_threshold" not in s3_kwargs and "multipart_chunksize" in s3_kwargs:

@@ -27,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from .cache import Cache, Writer
+from .cache import Cache, Download, Writer
 from .index import Index, Node, State, check_new_name
 from .namespace import Namespace
 from .s3 import AccessDenied, NotFound, S3Error
@@ -79,6 +79,7 @@ class _Handle:
     ino: int
     fd: int | None = None  # read fd on a complete local copy, opened lazily at the first read
     checked: bool = False  # the copy behind fd was verified (Cache.verify) by this handle or earlier
+    download: Download | None = None  # a cold file being streamed in (Cache.open_download)
     writer: Writer | None = None
 
 
@@ -342,10 +343,16 @@ class Operations(pyfuse3.Operations):
         w = self.cache.writers.get(h.ino)
         if w is not None:
             return os.pread(w.fd, size, off)
+        if h.download is not None:
+            return await h.download.read(off, size)
         if h.fd is None:
-            h.fd = await self.cache.fetch(h.ino)
-            h.checked = True
-        elif not h.checked:
+            fd = self.cache.open_cached(self._node(h.ino))
+            if fd is None:
+                # Cold: stream it. This read returns as soon as its own bytes have arrived.
+                h.download = self.cache.open_download(self._node(h.ino))
+                return await h.download.read(off, size)
+            h.fd = fd
+        if not h.checked:
             fd, h.fd = h.fd, None  # verify() owns it now, and may swap it for a fresh download
             h.fd = await self.cache.verify(h.ino, fd)
             h.checked = True
@@ -386,6 +393,8 @@ class Operations(pyfuse3.Operations):
             self.cache.make_room(0)
         if h.fd is not None:
             os.close(h.fd)
+        if h.download is not None:
+            self.cache.close_download(h.download)
         if h.writer is not None:
             h.writer.handles -= 1
             if h.writer.handles == 0:

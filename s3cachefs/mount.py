@@ -151,7 +151,14 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
     index = Index(config.cache_dir / "index.sqlite")
     _check_identity(index, config)
     s3 = S3(config.s3, limiter)
-    limits = Limits(config.cache_size, config.cache_min_free, config.cache_max_age, config.policies)
+    limits = Limits(
+        config.cache_size,
+        config.cache_min_free,
+        config.cache_max_age,
+        config.policies,
+        config.s3.read_part_size,
+        config.s3.read_concurrency,
+    )
     cache = Cache(config.cache_dir, index, s3, config.s3.prefix, limits, limiter)
     cache.recover()
     ns = Namespace(index, s3, cache, config.s3.prefix)
@@ -210,15 +217,21 @@ async def _serve(parts: _Parts) -> bool:
 
     async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal stopped_by_signal
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             task_status.started()
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    # For `s3cachefs status` (and tests): counters now rather than in 5 s.
+                    parts.cache.flush_atimes()
+                    parts.cache.persist_stats()
+                    continue
                 log.info("got %s: unmounting", signal.Signals(signum).name)
                 stopped_by_signal = True
                 pyfuse3.terminate()
                 return
 
     async with trio.open_nursery() as nursery:
+        parts.cache.nursery = nursery
         await nursery.start(on_signals)
         if parts.listing:
             nursery.start_soon(parts.ns.listing_task)

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _READ_CHUNK = 1024 * 1024
+# Downloads report progress every chunk: small enough for a quick first byte, large enough that the
+# hop back into the event loop costs little.
+_STREAM_CHUNK = 256 * 1024
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 
 
@@ -61,6 +65,14 @@ class Unavailable(S3Error):
 
 class IntegrityError(S3Error):
     """What arrived does not match what S3 says the object is (or the server rejected our digest)."""
+
+
+@dataclass(frozen=True)
+class RangeResult:
+    total: int  # size of the whole object
+    etag: str
+    mtime_ns: int
+    md5: str | None  # of the bytes received, when the whole object came in one response
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,7 @@ class S3:
         self.bucket = opts.bucket
         self.limiter = limiter
         self.client = client if client is not None else make_client(opts)
+        self.calls: Counter[str] = Counter()
         self._sse: dict[str, str] = {}
         if opts.sse_customer_key:
             self._sse = {
@@ -156,6 +169,9 @@ class S3:
             }
 
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        # Counted here, in the event loop, per logical call (botocore's retries are not counted).
+        self.calls[what.split(" ", 1)[0]] += 1
+
         def call() -> T:
             try:
                 return fn()
@@ -338,38 +354,58 @@ class S3:
             raise
         return ObjectInfo(key, size, done.get("ETag", ""), 0, whole[0])
 
-    async def get_to_file(self, key: str, f_path: str, expected_size: int | None = None) -> ObjectInfo:
-        """Download `key` into the (new, empty) file `f_path`, fsync it, and verify it.
+    async def get_range(
+        self,
+        key: str,
+        fd: int,
+        start: int,
+        end: int | None,
+        progress: Callable[[int], None],
+        if_match: str | None = None,
+    ) -> RangeResult:
+        """GET bytes [start, end] (end inclusive; None: the whole object, with no Range header) of
+        `key` into `fd` at the same offsets, calling `progress(bytes so far)` in the event loop as
+        chunks land, so that readers can be served before the download ends.
 
-        The caller renames it into place only after this returns, so a crash or error never leaves a
-        file that looks complete.
+        With `if_match`, S3 refuses (412) if the object is no longer that version: the parts of one
+        download never mix two versions of an object.
         """
 
-        def fn() -> ObjectInfo:
-            r = self.client.get_object(Bucket=self.bucket, Key=key, **self._sse)  # type: ignore[arg-type]
+        def fn() -> RangeResult:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse}
+            if end is not None:
+                kwargs["Range"] = f"bytes={start}-{end}"
+            if if_match:
+                kwargs["IfMatch"] = if_match
+            r = self.client.get_object(**kwargs)
             length = int(r["ContentLength"])
-            etag = r.get("ETag", "")
-            md5 = hashlib.md5()
+            content_range = r.get("ContentRange")  # "bytes 0-8388607/20971520"
+            total = int(content_range.rsplit("/", 1)[1]) if content_range else length
+            md5 = hashlib.md5() if end is None else None
             got = 0
             body = r["Body"]
-            with open(f_path, "wb") as out:
-                while chunk := body.read(_READ_CHUNK):
+            while chunk := body.read(_STREAM_CHUNK):
+                if md5 is not None:
                     md5.update(chunk)
-                    out.write(chunk)
-                    got += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(fd, view, start + got)
+                    view = view[n:]
+                    got += n
+                trio.from_thread.run_sync(progress, got)
             if got != length:
                 raise IntegrityError(f"GET {key}: got {got} bytes, S3 said {length}")
-            m = _MD5_ETAG.match(etag)
-            if m and not self._sse and m.group(1).lower() != md5.hexdigest():
-                raise IntegrityError(f"GET {key}: MD5 {md5.hexdigest()} does not match ETag {etag}")
-            return ObjectInfo(key, length, etag, _mtime_ns(dict(r)), md5.hexdigest())
+            return RangeResult(total, r.get("ETag", ""), _mtime_ns(dict(r)), md5.hexdigest() if md5 else None)
 
-        info = await self._run(f"GET {key}", fn)
-        if expected_size is not None and info.size != expected_size:
-            log.info("object %s changed size in S3 (%d -> %d)", key, expected_size, info.size)
-        return info
+        return await self._run(f"GET {key}", fn)
+
+    def etag_is_md5_of(self, etag: str, md5_hex: str) -> bool | None:
+        """True/False if the ETag is a plain MD5 we can compare with; None if it is not one (a
+        multipart upload's ETag, or any object under SSE-C)."""
+        m = _MD5_ETAG.match(etag)
+        if not m or self._sse:
+            return None
+        return m.group(1).lower() == md5_hex
 
     async def delete(self, key: str) -> None:
         await self._run(f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))

@@ -61,6 +61,7 @@ def collect(path: Path) -> dict[str, Any]:
         stats = json.loads(index.get_meta("stats") or "{}")
         limits = json.loads(index.get_meta("limits") or "{}")
         identity = index.get_meta("identity")
+        saves = int(index.get_meta("saves") or 0)
     finally:
         index.close()
     hits, misses = stats.get("hits", 0), stats.get("misses", 0)
@@ -84,6 +85,8 @@ def collect(path: Path) -> dict[str, Any]:
         "uploads": stats.get("uploads", 0),
         "uploaded_bytes": stats.get("uploaded_bytes", 0),
         "damaged_refetched": stats.get("damaged", 0),
+        "s3_calls": {k[3:]: v for k, v in sorted(stats.items()) if k.startswith("s3_")},
+        "saves": saves,
     }
 
 
@@ -118,6 +121,7 @@ def render(s: dict[str, Any]) -> str:
         f"evictions        {s['evictions']} ({_size(s['evicted_bytes'])})",
         f"uploads          {s['uploads']} ({_size(s['uploaded_bytes'])})",
         f"damaged copies   {s['damaged_refetched']} found and fetched again",
+        "S3 calls         " + (", ".join(f"{k} {v}" for k, v in s["s3_calls"].items()) or "none"),
     ]
     return "\n".join(lines)
 

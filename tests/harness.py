@@ -15,9 +15,11 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -752,3 +754,60 @@ __all__ = [
     "tail",
     "wait_until",
 ]
+
+
+class TcpForwarder:
+    """A loopback TCP forwarder to `127.0.0.1:target_port`, optionally speaking TLS to its clients
+    and limiting the bandwidth from the server to them (to make a download last long enough to
+    watch it happen). Threads; bounded by the life of the `with` block."""
+
+    def __init__(
+        self, target_port: int, tls: ssl.SSLContext | None = None, bytes_per_second: float | None = None
+    ) -> None:
+        self.target_port = target_port
+        self.tls = tls
+        self.rate = bytes_per_second
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self._listener.settimeout(0.2)
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> TcpForwarder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, limit: float | None) -> None:
+        try:
+            while not self._stop.is_set() and (data := src.recv(16384)):
+                dst.sendall(data)
+                if limit:
+                    time.sleep(len(data) / limit)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                client.settimeout(60)
+                if self.tls is not None:
+                    client = self.tls.wrap_socket(client, server_side=True)
+                upstream = socket.create_connection((LOOPBACK, self.target_port), timeout=60)
+            except OSError:  # ssl.SSLError included: a client that refused our certificate
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, self.rate), daemon=True).start()

@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 import ssl
 import stat
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from s3cachefs.index import ROOT_INO, Index
 from s3cachefs.namespace import Namespace
 from s3cachefs.s3 import S3, ObjectInfo
 
-from .harness import MakeMount, Mount, S3Server, bucket_objects, files_under
+from .harness import MakeMount, Mount, S3Server, TcpForwarder, bucket_objects, files_under
 from .test_mount import FAST_FAIL, s3_paused, store_like_synapse
 
 if TYPE_CHECKING:
@@ -229,45 +227,8 @@ def tls_endpoint(s3server: S3Server, tmp_path: Path) -> Iterator[tuple[str, Path
     )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-
-    def pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                s.close()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                raw, _ = listener.accept()
-            except TimeoutError:
-                continue
-            try:
-                raw.settimeout(30)
-                tls = ctx.wrap_socket(raw, server_side=True)
-            except (OSError, ssl.SSLError):
-                raw.close()  # a client that refused our certificate
-                continue
-            upstream = socket.create_connection(("127.0.0.1", s3server.s3_port), timeout=30)
-            threading.Thread(target=pipe, args=(tls, upstream), daemon=True).start()
-            threading.Thread(target=pipe, args=(upstream, tls), daemon=True).start()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield f"https://127.0.0.1:{port}", cert
-    finally:
-        stop.set()
-        t.join(5)
-        listener.close()
+    with TcpForwarder(s3server.s3_port, tls=ctx) as fwd:
+        yield f"https://127.0.0.1:{fwd.port}", cert
 
 
 def test_tls_is_verified_and_a_private_ca_is_accepted_with_ca_bundle(

@@ -1,0 +1,136 @@
+"""Cold reads stream, large objects come in parallel ranged GETs, readers share downloads, and known
+files cost no S3 request. S3 calls are counted by the daemon (per operation, saved on SIGUSR1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .harness import REPO_ROOT, MakeMount, Mount, S3Server, TcpForwarder, files_under, wait_until
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MiB = 1024 * 1024
+
+
+def s3_calls(m: Mount) -> dict[str, int]:
+    """The daemon's S3 call counters, saved on demand (SIGUSR1) and read with `s3cachefs status`."""
+
+    def status() -> dict[str, object]:
+        env = m.server.env() | {"PYTHONPATH": str(REPO_ROOT)}
+        r = subprocess.run(
+            [sys.executable, "-m", "s3cachefs.cli", "status", str(m.path), "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        result: dict[str, object] = json.loads(r.stdout)
+        return result
+
+    before = int(str(status()["saves"]))
+    assert m.proc is not None
+    m.proc.send_signal(signal.SIGUSR1)
+    assert wait_until(lambda: int(str(status()["saves"])) > before, 10), "the daemon saved its counters"
+    calls = status()["s3_calls"]
+    assert isinstance(calls, dict)
+    return {str(k): int(v) for k, v in calls.items()}
+
+
+def listed(m: Mount) -> bool:
+    return "listed " in m.log_text().rsplit("start:", 1)[-1]
+
+
+def test_known_files_cost_no_request_and_a_cold_small_file_exactly_one_get(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    objects = {
+        f"local_thumbnails/ab/cd/media{i}/32-32-image-jpeg-crop": os.urandom(3000 + i) for i in range(20)
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    m = make_mount(bucket=bucket)
+    assert wait_until(lambda: listed(m), 15)
+    start = s3_calls(m)
+    for key, body in objects.items():
+        path = m.path / key
+        assert os.path.isfile(path) and os.stat(path).st_size == len(body)
+        with open(path, "rb"):
+            pass  # opened and closed unread, as Synapse does before answering 304
+    assert len(os.listdir(m.path / "local_thumbnails/ab/cd")) == 20
+    assert not os.path.exists(m.path / "local_thumbnails/ab/cd/media0/800-600-image-jpeg-scale")
+    assert s3_calls(m) == start, "lookup, getattr, open and readdir of indexed files make no S3 request"
+
+    key, body = next(iter(objects.items()))
+    assert (m.path / key).read_bytes() == body
+    after = s3_calls(m)
+    assert after == start | {"GET": start.get("GET", 0) + 1}, "a cold small read is exactly one GET"
+    assert (m.path / key).read_bytes() == body
+    assert s3_calls(m) == after, "and then it is cached"
+
+
+def test_a_large_cold_file_comes_in_parallel_ranged_gets_shared_by_all_readers(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    data = os.urandom(20 * MiB + 123)
+    s3.put_object(Bucket=bucket, Key="remote_content/ex.org/ab/cd/video", Body=data)
+    m = make_mount(bucket=bucket, extra_args=["--read-part-size", "5M", "--read-concurrency", "4"])
+    assert wait_until(lambda: listed(m), 15)
+    start = s3_calls(m).get("GET", 0)
+    digests: list[str] = []
+
+    def reader() -> None:
+        with open(m.path / "remote_content/ex.org/ab/cd/video", "rb") as f:
+            h = hashlib.sha256()
+            while chunk := f.read(16 * 1024):  # Synapse's sender reads 16 KiB at a time
+                h.update(chunk)
+            digests.append(h.hexdigest())
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert digests == [hashlib.sha256(data).hexdigest()] * 8
+    # 20 MiB + 123 bytes in 5 MiB parts: 5 ranged GETs, once, for eight readers.
+    assert s3_calls(m)["GET"] - start == 5
+
+
+def test_the_first_bytes_of_a_cold_file_are_served_before_the_download_ends(
+    make_mount: MakeMount, s3server: S3Server, s3: S3Client, bucket: str
+) -> None:
+    data = os.urandom(12 * MiB)
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/big", Body=data)
+    # S3 at 4 MiB/s through a loopback forwarder: the whole object takes about 3 s to arrive.
+    with TcpForwarder(s3server.s3_port, bytes_per_second=4 * MiB) as slow:
+        m = make_mount(bucket=bucket, extra_args=["--endpoint-url", f"http://127.0.0.1:{slow.port}"])
+        with open(m.path / "local_content/ab/cd/big", "rb") as f:
+            assert f.read(64 * 1024) == data[: 64 * 1024]
+            downloads = [p for p in files_under(m.cache_dir / "tmp") if p.name.startswith("get-")]
+            assert downloads and os.path.getsize(downloads[0]) < len(data), "served mid-download"
+            assert f.read() == data[64 * 1024 :]
+        m.unmount()
+
+
+def test_readers_are_served_only_bytes_that_are_contiguous_from_the_start(tmp_path: Path) -> None:
+    from s3cachefs.cache import Download
+
+    fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT)
+    d = Download(ino=1, tmp=str(tmp_path / "x"), fd=fd, size=10, part_size=4)
+    d.plan(10)
+    assert d.nparts == 3
+    d.progress(0, 4)
+    d.progress(2, 2)  # a later part arrived first: a reader of bytes 4-9 must still wait
+    assert d.available == 4
+    d.progress(1, 4)
+    assert d.available == 10
+    os.close(fd)
