@@ -52,7 +52,7 @@ import trio
 
 from .config import DEFAULT_RANK, PathPolicy, policy_for
 from .index import IN_CACHE, Index, Node, State
-from .s3 import S3, IntegrityError, S3Error, md5_fd
+from .s3 import S3, IntegrityError, MultipartUpload, ObjectInfo, S3Error, md5_fd, md5_file
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,22 @@ class Writer:
     committed: bool = False
     unlinked: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Pipelined upload: while every write so far continued where the last one ended, full parts go
+    # up as they are written (see Cache.wrote); any other write or a truncate turns this off.
+    seq_end: int = 0
+    pipeline: Pipeline | None = None
+    pipeline_off: bool = False
+
+
+@dataclass(eq=False)
+class Pipeline:
+    mpu: MultipartUpload
+    part_size: int
+    scheduled_end: int = 0  # bytes [0, scheduled_end) are handed to part uploads
+    stop: bool = False
+    error: BaseException | None = None
+    more: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass(frozen=True)
@@ -450,7 +466,7 @@ class Cache:
         if w is not None:
             if truncate:
                 os.ftruncate(w.fd, 0)
-                w.dirty = True
+                self.truncated(w)
             return w
         path = self._tmp("put", node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -472,7 +488,9 @@ class Cache:
         self.index.set_state(node.ino, State.WRITING)
         # A local-only file has no other copy to go back to: its close always commits it again.
         dirty = truncate or prev is None
-        w = self.writers[node.ino] = Writer(node.ino, path, fd, prev, dirty=dirty)
+        w = self.writers[node.ino] = Writer(
+            node.ino, path, fd, prev, dirty=dirty, seq_end=os.fstat(fd).st_size
+        )
         return w
 
     def mark_dirty(self, w: Writer) -> None:
@@ -501,7 +519,9 @@ class Cache:
                 # (finish_write); until then there is nothing to lose, so success is honest.
                 return
             # Uploads read the file in worker threads; the size at this moment is what gets committed.
-            info = await self.s3.put_file(self.prefix + rel, w.path)
+            info = await self._finish_pipeline(w)
+            if info is None:
+                info = await self.s3.put_file(self.prefix + rel, w.path)
             if w.unlinked:
                 # Unlinked while the upload ran; unlink waits for this lock, then deletes the object.
                 return
@@ -518,6 +538,100 @@ class Cache:
             w.committed = True
             self.stats["uploads"] += 1
             self.stats["uploaded_bytes"] += info.size
+
+    # -- pipelined multipart uploads ------------------------------------------------------------------
+
+    def wrote(self, w: Writer, off: int, n: int) -> None:
+        """After every write(): keep a sequential writer's full parts flowing to S3 as they are
+        written, so that close() of a large file waits only for its tail."""
+        self.mark_dirty(w)
+        if w.pipeline_off:
+            return
+        if off != w.seq_end:
+            self._drop_pipeline(w)
+            return
+        w.seq_end += n
+        pl = w.pipeline
+        opts = self.s3.opts
+        if pl is None:
+            if self.nursery is None or w.seq_end < opts.multipart_threshold:
+                return
+            if self.klass(self.index.relpath(w.ino)).local_only:
+                w.pipeline_off = True
+                return
+            pl = w.pipeline = Pipeline(MultipartUpload(self.s3, self.key(w.ino)), opts.multipart_chunksize)
+            self.nursery.start_soon(self._pump, w, pl)
+        elif w.seq_end > pl.part_size * 10_000:  # S3's part limit: let close() choose bigger parts
+            self._drop_pipeline(w)
+            return
+        pl.more.set()
+
+    def truncated(self, w: Writer) -> None:
+        self.mark_dirty(w)
+        self._drop_pipeline(w)
+
+    def _drop_pipeline(self, w: Writer) -> None:
+        w.pipeline_off = True
+        pl, w.pipeline = w.pipeline, None
+        if pl is not None:
+            pl.stop = True
+            pl.more.set()
+            if self.nursery is not None:
+                self.nursery.start_soon(self._discard, pl)
+
+    async def _discard(self, pl: Pipeline) -> None:
+        await pl.done.wait()
+        await pl.mpu.abort()
+
+    async def _pump(self, w: Writer, pl: Pipeline) -> None:
+        try:
+            await pl.mpu.start()
+            async with trio.open_nursery() as parts:
+                while not pl.stop:
+                    while pl.scheduled_end + pl.part_size <= w.seq_end and not pl.stop:
+                        number = pl.scheduled_end // pl.part_size + 1
+                        parts.start_soon(pl.mpu.upload_part, number, w.path, pl.scheduled_end, pl.part_size)
+                        pl.scheduled_end += pl.part_size
+                    await pl.more.wait()
+                    pl.more = trio.Event()
+        except Exception as e:
+            pl.error = e
+            log.info("pipelined upload of %s failed (%s); close() uploads the whole file", pl.mpu.key, e)
+        finally:
+            pl.done.set()
+
+    async def _finish_pipeline(self, w: Writer) -> ObjectInfo | None:
+        """At close(): upload the tail and complete, or None if the whole file must be uploaded."""
+        pl, w.pipeline = w.pipeline, None
+        w.pipeline_off = True  # one pipeline per write: later writes are uploaded whole
+        if pl is None:
+            return None
+        pl.stop = True
+        pl.more.set()
+        await pl.done.wait()
+        size = os.fstat(w.fd).st_size
+        if pl.error is not None or size < pl.scheduled_end or size < self.s3.opts.multipart_threshold:
+            await pl.mpu.abort()
+            return None
+        md5: list[str] = []
+
+        async def hash_whole() -> None:
+            md5.append(await trio.to_thread.run_sync(md5_file, w.path, limiter=self.limiter))
+
+        try:
+            async with trio.open_nursery() as tail:
+                tail.start_soon(hash_whole)
+                off = pl.scheduled_end
+                while off < size:
+                    length = min(pl.part_size, size - off)
+                    tail.start_soon(pl.mpu.upload_part, off // pl.part_size + 1, w.path, off, length)
+                    off += length
+            etag = await pl.mpu.complete()
+        except BaseException:
+            await pl.mpu.abort()
+            raise
+        self.stats["pipelined_uploads"] += 1
+        return ObjectInfo(pl.mpu.key, size, etag, 0, md5[0])
 
     async def _commit_local(self, w: Writer) -> None:
         """close() of a local-only file: durable on the cache disk (fsync), never sent to S3."""
@@ -536,6 +650,7 @@ class Cache:
 
     async def finish_write(self, w: Writer) -> bool:
         """Last write handle closed. Returns True if the row was removed (the write never reached S3)."""
+        self._drop_pipeline(w)
         if w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
             await self._settle_empty(w)
         del self.writers[w.ino]

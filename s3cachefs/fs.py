@@ -175,7 +175,7 @@ class Operations(pyfuse3.Operations):
             w = self.cache.writers.get(inode)
             if w is not None:
                 os.ftruncate(w.fd, attr.st_size)
-                self.cache.mark_dirty(w)
+                self.cache.truncated(w)
             else:
                 # truncate(path) with no open file: that is a complete write of its own, so it is
                 # uploaded before we answer, like a close().
@@ -183,7 +183,7 @@ class Operations(pyfuse3.Operations):
                 w.handles += 1
                 try:
                     os.ftruncate(w.fd, attr.st_size)
-                    self.cache.mark_dirty(w)
+                    self.cache.truncated(w)
                     await self.cache.upload(w)
                 finally:
                     w.handles -= 1
@@ -365,7 +365,7 @@ class Operations(pyfuse3.Operations):
         if h.writer is None:
             raise OSError(errno.EBADF, "file not open for writing")
         n = os.pwrite(h.writer.fd, buf, off)
-        self.cache.mark_dirty(h.writer)
+        self.cache.wrote(h.writer, off, n)
         return n
 
     @_boundary

@@ -160,6 +160,90 @@ def make_client(opts: S3Options) -> S3Client:
     return client
 
 
+class MultipartUpload:
+    """One multipart upload whose parts are ranges of a local file, each sent with its Content-MD5.
+
+    Parts may be uploaded in any order and in parallel (at most 4 at a time per upload, so one large
+    file cannot take every worker thread, and with 8 MiB parts it holds at most 32 MiB of memory).
+    Until complete() the object does not exist; abort() makes sure it never will.
+    """
+
+    PARALLEL_PARTS = 4
+
+    def __init__(self, s3: S3, key: str):
+        self.s3 = s3
+        self.key = key
+        self.upload_id: str | None = None
+        self.etags: dict[int, str] = {}
+        self._limiter = trio.CapacityLimiter(self.PARALLEL_PARTS)
+
+    async def start(self) -> None:
+        s3 = self.s3
+        created = await s3._run(
+            f"CreateMultipartUpload {self.key}",
+            lambda: s3.client.create_multipart_upload(Bucket=s3.bucket, Key=self.key, **s3._extra_put_args()),
+        )
+        self.upload_id = created["UploadId"]
+
+    async def upload_part(self, number: int, path: str, offset: int, length: int) -> None:
+        s3, upload_id = self.s3, self.upload_id
+        assert upload_id is not None, "start() first"
+
+        def send() -> str:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+            if len(data) != length:
+                raise IntegrityError(
+                    f"UploadPart {self.key} #{number}: file has {len(data)} of {length} bytes"
+                )
+            r = s3.client.upload_part(
+                Bucket=s3.bucket,
+                Key=self.key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+                ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode(),
+                **s3._sse,  # type: ignore[arg-type]
+            )
+            return r["ETag"]
+
+        async with self._limiter:
+            self.etags[number] = await s3._run(f"UploadPart {self.key} #{number}", send)
+
+    async def complete(self) -> str:
+        s3, upload_id = self.s3, self.upload_id
+        assert upload_id is not None, "start() first"
+        parts = [{"ETag": self.etags[n], "PartNumber": n} for n in sorted(self.etags)]
+        done = await s3._run(
+            f"CompleteMultipartUpload {self.key}",
+            lambda: s3.client.complete_multipart_upload(
+                Bucket=s3.bucket,
+                Key=self.key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            ),
+        )
+        return str(done.get("ETag", ""))
+
+    async def abort(self) -> None:
+        s3, upload_id = self.s3, self.upload_id
+        if upload_id is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await s3._run(
+                    f"AbortMultipartUpload {self.key}",
+                    lambda: s3.client.abort_multipart_upload(
+                        Bucket=s3.bucket, Key=self.key, UploadId=upload_id
+                    ),
+                )
+            except S3Error as e:
+                # The parts stay invisible (never a readable object); a bucket lifecycle rule for
+                # incomplete uploads reclaims their space.
+                log.warning("could not abort multipart upload of %s: %s", self.key, e)
+
+
 class S3:
     def __init__(self, opts: S3Options, limiter: trio.CapacityLimiter, client: S3Client | None = None):
         self.opts = opts
@@ -289,39 +373,8 @@ class S3:
         # S3 allows at most 10,000 parts: grow the part size for very large files.
         while (size + chunk - 1) // chunk > 10_000:
             chunk *= 2
-        created = await self._run(
-            f"CreateMultipartUpload {key}",
-            lambda: self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=key, **self._extra_put_args()
-            ),
-        )
-        upload_id = created["UploadId"]
-        nparts = (size + chunk - 1) // chunk
-        etags: list[str] = [""] * nparts
-
-        def upload_part(i: int) -> None:
-            with open(path, "rb") as f:
-                f.seek(i * chunk)
-                data = f.read(chunk)
-            r = self.client.upload_part(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=i + 1,
-                Body=data,
-                ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode(),
-                **self._sse,  # type: ignore[arg-type]
-            )
-            etags[i] = r["ETag"]
-
-        # Parts go up in parallel, at most 4 per file so one large upload cannot take every thread
-        # (and, with 8 MiB parts, holds at most 32 MiB of memory).
-        part_limiter = trio.CapacityLimiter(4)
-
-        async def part_task(i: int) -> None:
-            async with part_limiter:
-                await self._run(f"UploadPart {key} #{i + 1}", lambda: upload_part(i))
-
+        mpu = MultipartUpload(self, key)
+        await mpu.start()
         whole: list[str] = []
 
         async def hash_task() -> None:
@@ -331,34 +384,13 @@ class S3:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hash_task)
-                for i in range(nparts):
-                    nursery.start_soon(part_task, i)
-            done = await self._run(
-                f"CompleteMultipartUpload {key}",
-                lambda: self.client.complete_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={
-                        "Parts": [{"ETag": e, "PartNumber": n + 1} for n, e in enumerate(etags)]
-                    },
-                ),
-            )
+                for i in range((size + chunk - 1) // chunk):
+                    nursery.start_soon(mpu.upload_part, i + 1, path, i * chunk, min(chunk, size - i * chunk))
+            etag = await mpu.complete()
         except BaseException:
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._run(
-                        f"AbortMultipartUpload {key}",
-                        lambda: self.client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=key, UploadId=upload_id
-                        ),
-                    )
-                except S3Error as e:
-                    # The parts stay invisible (never a readable object); a bucket lifecycle rule for
-                    # incomplete uploads reclaims their space.
-                    log.warning("could not abort multipart upload of %s: %s", key, e)
+            await mpu.abort()
             raise
-        return ObjectInfo(key, size, done.get("ETag", ""), 0, whole[0])
+        return ObjectInfo(key, size, etag, 0, whole[0])
 
     async def get_range(
         self,

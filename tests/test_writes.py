@@ -1,0 +1,58 @@
+"""Large writes: full parts go up while the file is still being written (pipelined multipart)."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from .harness import MakeMount, wait_until
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MiB = 1024 * 1024
+PIPELINE = ["--multipart-threshold", "8M", "--multipart-chunksize", "5M"]
+
+
+def parts_in_flight(s3: S3Client, bucket: str, key: str) -> int:
+    uploads = [u for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) if u["Key"] == key]
+    if not uploads:
+        return 0
+    return len(s3.list_parts(Bucket=bucket, Key=key, UploadId=uploads[0]["UploadId"]).get("Parts", []))
+
+
+def test_a_large_sequential_write_uploads_its_parts_before_close(make_mount: MakeMount, s3: S3Client) -> None:
+    m = make_mount(extra_args=PIPELINE)
+    key = "local_content/ab/cd/video"
+    data = os.urandom(40 * MiB + 77)
+    os.makedirs(m.path / "local_content/ab/cd")
+    with open(m.path / key, "wb") as f:
+        for off in range(0, 30 * MiB, MiB):
+            f.write(data[off : off + MiB])
+            f.flush()  # Python's buffer only: each MiB reaches the mount now
+        # 30 MiB written, file still open: its first full 5 MiB parts are already in S3.
+        assert wait_until(lambda: parts_in_flight(s3, m.bucket, key) >= 4, 30)
+        assert s3.list_objects_v2(Bucket=m.bucket).get("KeyCount", 0) == 0, "no object before close()"
+        f.write(data[30 * MiB :])
+    obj = s3.get_object(Bucket=m.bucket, Key=key)
+    assert obj["Body"].read() == data
+    assert obj["ETag"].strip('"').endswith("-9")  # 8 full 5 MiB parts and the tail
+    assert s3.list_multipart_uploads(Bucket=m.bucket).get("Uploads", []) == []
+
+
+def test_a_write_that_goes_back_falls_back_to_a_whole_upload(make_mount: MakeMount, s3: S3Client) -> None:
+    m = make_mount(extra_args=PIPELINE)
+    key = "local_content/ab/cd/patched"
+    data = bytearray(os.urandom(24 * MiB))
+    os.makedirs(m.path / "local_content/ab/cd")
+    with open(m.path / key, "wb") as f:
+        f.write(data[: 20 * MiB])
+        f.flush()
+        f.seek(MiB)  # back into a part that may be in S3 already
+        f.write(b"patched!")
+        data[MiB : MiB + 8] = b"patched!"
+        f.seek(20 * MiB)
+        f.write(data[20 * MiB :])
+    assert s3.get_object(Bucket=m.bucket, Key=key)["Body"].read() == bytes(data)
+    # The abandoned multipart upload is aborted in the background.
+    assert wait_until(lambda: s3.list_multipart_uploads(Bucket=m.bucket).get("Uploads", []) == [], 30)
