@@ -39,8 +39,12 @@ R = TypeVar("R")
 
 # Media files are written once and changed only through this mount, which the kernel sees; long
 # kernel caching of names and attributes is therefore safe and saves a FUSE round trip per stat.
-ENTRY_TIMEOUT = 60.0
-ATTR_TIMEOUT = 60.0
+# The rare change behind our back (found by the background listing) invalidates the kernel's copy.
+ENTRY_TIMEOUT = 300.0
+ATTR_TIMEOUT = 300.0
+# Misses are cached briefly: Synapse asks for legacy thumbnail names and missing files repeatedly,
+# and a name created through this mount replaces the negative entry at once.
+NEGATIVE_TIMEOUT = 1.0
 
 
 def errno_for(e: BaseException) -> int:
@@ -100,6 +104,14 @@ class Operations(pyfuse3.Operations):
         self.limiter = limiter
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        ns.on_changed = self._invalidate_soon
+
+    def _invalidate_soon(self, ino: int, gone: Node | None) -> None:
+        """An object changed or vanished behind our back: drop the kernel's cached name/attrs/pages."""
+        if self.cache.nursery is not None:
+            self.cache.nursery.start_soon(
+                functools.partial(trio.to_thread.run_sync, _invalidate, ino, gone, limiter=self.limiter)
+            )
 
     # -- attributes ---------------------------------------------------------------------------------
 
@@ -146,7 +158,11 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = await self.ns.lookup(parent_inode, name)
         if node is None:
-            raise OSError(errno.ENOENT, "no such entry")
+            # Inode 0: a negative entry the kernel may keep for entry_timeout (libfuse's convention).
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = NEGATIVE_TIMEOUT
+            return negative
         return self._attr(node)
 
     @_boundary

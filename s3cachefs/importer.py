@@ -221,7 +221,10 @@ def _walk(root: str, stop: threading.Event) -> Iterator[_Entry]:
             except OSError as err:
                 yield _Entry(rel, d.path, "error", what=f"cannot stat: {err.strerror}")
                 continue
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                # Like the mount: the bucket never holds a 0-byte object written by s3cachefs.
+                yield _Entry(rel, d.path, "unsupported", what="empty file")
+            elif stat.S_ISREG(st.st_mode):
                 yield _Entry(rel, d.path, "file", st.st_size)
             else:
                 yield _Entry(rel, d.path, "unsupported", what=_type_name(st.st_mode))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 
 import cachetools
 import trio
@@ -46,6 +47,8 @@ class Namespace:
         gen = int(index.get_meta("listed_gen") or 0)
         cache.listing_gen = gen
         self.skipped_keys = 0
+        # Set by fs.Operations: tells the kernel to forget a name/inode that changed behind our back.
+        self.on_changed: Callable[[int, Node | None], None] = lambda ino, gone: None
 
     def relpath_of(self, parent: int, name: bytes) -> str:
         base = self.index.relpath(parent)
@@ -160,6 +163,7 @@ class Namespace:
                         continue
                     self.cache.forget(node)
                     self.index.remove(node.ino)
+                    self.on_changed(node.ino, node)
                     dropped += 1
                 self.index.mark_all_dirs_complete()
                 self.index.clear_tombstones()
@@ -235,6 +239,7 @@ class Namespace:
             # Replaced behind our back: forget the old copy, serve the new object from now on.
             self.cache.forget(node)
             self.index.set_object(node.ino, State.REMOTE, o.size, o.etag, o.mtime_ns, gen)
+            self.on_changed(node.ino, None)
             return
         self.index.set_object(node.ino, node.state, node.size, node.etag, node.mtime_ns, gen)
 

@@ -134,3 +134,27 @@ def test_readers_are_served_only_bytes_that_are_contiguous_from_the_start(tmp_pa
     d.progress(1, 4)
     assert d.available == 10
     os.close(fd)
+
+
+def test_a_missing_name_can_be_created_at_once_despite_the_negative_cache(mounted: Mount) -> None:
+    path = mounted.path / "local_thumbnails/ab/cd/x/32-32-image-jpeg-crop"
+    path.parent.mkdir(parents=True)
+    for _ in range(3):
+        assert not path.exists()  # cached as missing by the kernel for a second
+    path.write_bytes(b"thumbnail")
+    assert path.exists() and path.read_bytes() == b"thumbnail"
+    path.unlink()
+    assert not path.exists()
+
+
+def test_an_object_replaced_in_the_bucket_is_served_new_after_a_remount(make_mount: MakeMount, s3: S3Client,
+                                                                       bucket: str) -> None:
+    key = "remote_content/ex.org/ab/cd/x"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"old version")
+    m = make_mount(bucket=bucket)
+    assert (m.path / key).read_bytes() == b"old version"  # now cached
+    m.unmount()
+    s3.put_object(Bucket=bucket, Key=key, Body=b"the new, longer version")  # by another tool
+    m.start()
+    assert wait_until(lambda: listed(m), 15)
+    assert (m.path / key).read_bytes() == b"the new, longer version"
