@@ -8,7 +8,7 @@ Layout of the cache directory:
 
 Cache state machine of a file row (index.State), and who moves it:
 
-            fetch: GET -> tmp/get-* -> fsync -> verify -> rename to data/ -> commit row
+            fetch: GET -> tmp/get-* -> verify -> rename to data/ -> commit row (+ MD5)
     REMOTE ─────────────────────────────────────────────────────────────────────────▶ CACHED
       ▲ ▲  ◀──────────── evict (LRU over cap, or max-age; never if open or written) ──── │
       │ │                                                                               │ open for write
@@ -20,9 +20,11 @@ Cache state machine of a file row (index.State), and who moves it:
       (row removed) ◀── last release after a failed upload, no older S3 version ───┘
 
 What survives a crash (kill -9, power loss):
-- CACHED is written to the index only after the data file was fsynced and renamed into place, and a
-  CACHED row whose file is missing or has the wrong length is demoted to REMOTE on open. So a torn or
-  wiped cache file is never served; it is fetched again.
+- CACHED is written to the index only after the data file was verified and renamed into place,
+  with the MD5 of its bytes. A CACHED row whose file is missing or has the wrong length is demoted
+  to REMOTE on open, and the first read of every cached file after a mount checks its MD5 (in a
+  worker thread) before serving it. So a torn, emptied or damaged cache file is never served; it
+  is fetched again. (That check is why downloads need no fsync before the rename.)
 - WRITING rows found at mount belong to writes whose close() never returned success: the row reverts
   to the S3 version it had (REMOTE) or is removed if there was none. The staging files in tmp/ are
   deleted. Nothing was ever PUT for them, so S3 holds no partial object.
@@ -429,7 +431,8 @@ class Cache:
                 )
             if self.s3.etag_is_md5_of(r.etag, md5) is False:
                 raise IntegrityError(f"GET {key}: MD5 {md5} does not match ETag {r.etag}")
-            await trio.to_thread.run_sync(os.fsync, d.fd, limiter=self.limiter)
+            # No fsync: a copy that a crash leaves torn or empty is caught by its length or, on its
+            # first read after the next mount, by the MD5 recorded below (Cache.verify).
             # The awaits above let other requests run: re-read the row before trusting it.
             cur = self.index.get(d.ino)
             if cur is not None and cur.state == State.REMOTE and d.ino not in self.writers:

@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-attempts", dest="max_attempts", type=int, help="attempts per S3 request (default 4)"
     )
     m.add_argument(
+        "--read-ahead",
+        dest="read_ahead",
+        help="kernel read-ahead of the mount (default 1M; 0: kernel default)",
+    )
+    m.add_argument(
         "--read-part-size", dest="read_part_size", help="part size of parallel cold reads (default 8M)"
     )
     m.add_argument(

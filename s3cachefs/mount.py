@@ -166,6 +166,21 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
     return _Parts(index, cache, ns, ops, limiter, config.listing)
 
 
+async def _set_read_ahead(mountpoint: Path, nbytes: int, limiter: trio.CapacityLimiter) -> None:
+    """Raise the mount's kernel read-ahead (sysfs, per device), which also caps the size of the read
+    requests we get. The kernel lowers it to its default when it gets our answer to FUSE INIT, so
+    this waits for a stat() of the mount to come back (INIT is answered before any other request)."""
+    if not nbytes:
+        return
+    try:
+        st = await trio.to_thread.run_sync(os.stat, mountpoint, limiter=limiter)
+        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(max(4, nbytes // 1024)))
+    except OSError as e:
+        log.warning("could not set the read-ahead of %s (%s); reads stay in 128 KiB requests", mountpoint, e)
+
+
 def _sd_notify(message: str) -> None:
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
@@ -211,7 +226,7 @@ def _fsname(config: Config) -> str:
     return f"s3cachefs:{cache_dir}"
 
 
-async def _serve(parts: _Parts) -> bool:
+async def _serve(parts: _Parts, config: Config) -> bool:
     """Run until unmounted. Returns True if we were asked to stop (and so must unmount ourselves)."""
     stopped_by_signal = False
 
@@ -238,6 +253,7 @@ async def _serve(parts: _Parts) -> bool:
         # A lowered cap, a fuller disk or entries that aged while unmounted: settle them first.
         parts.cache.housekeeping()
         nursery.start_soon(_housekeeping, parts.cache)
+        nursery.start_soon(_set_read_ahead, config.mountpoint, config.read_ahead, parts.limiter)
         _sd_notify("READY=1")
         await pyfuse3.main()
         _sd_notify("STOPPING=1")
@@ -280,7 +296,7 @@ def run(config: Config) -> int:
                 _setup_logging(config, daemon=True)
             unmount = True
             try:
-                unmount = trio.run(_serve, parts)
+                unmount = trio.run(_serve, parts, config)
             except BaseException:
                 log.exception("s3cachefs stopped on an error")
                 pyfuse3.close(unmount=True)

@@ -41,6 +41,7 @@ _READ_CHUNK = 1024 * 1024
 # Downloads report progress every chunk: small enough for a quick first byte, large enough that the
 # hop back into the event loop costs little.
 _STREAM_CHUNK = 256 * 1024
+_FIRST_CHUNK = 64 * 1024
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 
 
@@ -422,7 +423,8 @@ class S3:
             md5 = hashlib.md5() if end is None else None
             got = 0
             body = r["Body"]
-            while chunk := body.read(_STREAM_CHUNK):
+            # A small first chunk gets the first bytes to a waiting reader sooner.
+            while chunk := body.read(_FIRST_CHUNK if got == 0 else _STREAM_CHUNK):
                 if md5 is not None:
                     md5.update(chunk)
                 view = memoryview(chunk)

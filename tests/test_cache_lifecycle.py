@@ -37,6 +37,10 @@ def cached_copy(m: Mount, rel: str) -> Path:
     return m.cache_dir / "data" / f"{ino % 256:02x}" / str(ino)
 
 
+def downloads_in_flight(m: Mount) -> bool:
+    return any(p.name.startswith("get-") for p in files_under(m.cache_dir / "tmp"))
+
+
 def status(m: Mount) -> dict[str, object]:
     env = m.server.env() | {"PYTHONPATH": str(REPO_ROOT)}
     r = subprocess.run(
@@ -62,6 +66,9 @@ def test_cache_stays_under_its_cap_while_five_times_the_cap_is_written_and_read(
         assert dir_bytes(m.cache_dir / "data") <= cap
     for rel, data in files.items():  # most of them are cold again by now
         assert (m.path / rel).read_bytes() == data
+        # Reads are served while the download streams in; the download then evicts and commits.
+        # Measure once it has (its tmp/get-* file is gone), not in the middle of that.
+        assert wait_until(lambda: not downloads_in_flight(m), 10)
         assert dir_bytes(m.cache_dir / "data") <= cap
     # Counters reach the index every few seconds. Every file admitted beyond the 8 that fit under
     # the cap (uploads, then downloads of the evicted ones) must have been evicted again.
