@@ -8,7 +8,9 @@ index every few seconds, so figures of a running mount are at most that old.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -135,5 +137,8 @@ def main(path: Path, as_json: bool) -> int:
         raise ConfigError(f"{path}: {e.strerror or e}") from None
     except sqlite3.Error as e:
         raise ConfigError(f"{path}: cannot read the index: {e}") from None
-    print(json.dumps(s, indent=2) if as_json else render(s))
+    try:
+        print(json.dumps(s, indent=2) if as_json else render(s), flush=True)
+    except BrokenPipeError:  # `s3cachefs status ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
