@@ -142,6 +142,9 @@ class Writer:
     seq_end: int = 0
     pipeline: Pipeline | None = None
     pipeline_off: bool = False
+    # errno of a write() or truncate that failed (e.g. ENOSPC): the staging file is not what the
+    # writer wrote, so it must never be uploaded; every later close() fails with this errno.
+    failed: int | None = None
 
 
 @dataclass(eq=False)
@@ -260,13 +263,7 @@ class Cache:
             self.index.set_meta("policy", fingerprint)
             self.index.commit()
             log.info("applied cache policies to %d files in %.1fs", n, time.monotonic() - started)
-        for node in self.index.writing():
-            if node.etag is None:
-                log.info("dropping %s: its write never completed", self.index.relpath(node.ino))
-                self.index.remove(node.ino)
-            else:
-                self.index.set_state(node.ino, State.REMOTE)
-            self._unlink_data(node.ino)
+        self.settle_orphans()
 
     # -- paths --------------------------------------------------------------------------------------
 
@@ -509,8 +506,13 @@ class Cache:
     async def upload(self, w: Writer) -> None:
         """Make S3 hold exactly the staging file's bytes; on return the write is durable."""
         async with w.lock:
+            if w.failed is not None:
+                raise OSError(w.failed, "an earlier write to this file failed; nothing was uploaded")
             if not w.dirty or w.unlinked:
                 return
+            # The index must be able to record the result before S3 is changed (a full cache disk
+            # fails here, with nothing done), so that S3 and the index cannot disagree.
+            self.index.probe_writable()
             rel = self.index.relpath(w.ino)
             if self.klass(rel).local_only:
                 await self._commit_local(w)
@@ -568,6 +570,11 @@ class Cache:
             self._drop_pipeline(w)
             return
         pl.more.set()
+
+    def write_failed(self, w: Writer, e: OSError) -> None:
+        w.failed = e.errno or errno.EIO
+        self.mark_dirty(w)
+        self._drop_pipeline(w)
 
     def truncated(self, w: Writer) -> None:
         self.mark_dirty(w)
@@ -654,12 +661,22 @@ class Cache:
     async def finish_write(self, w: Writer) -> bool:
         """Last write handle closed. Returns True if the row was removed (the write never reached S3)."""
         self._drop_pipeline(w)
-        if w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
-            await self._settle_empty(w)
-        del self.writers[w.ino]
-        os.close(w.fd)
+        try:
+            if w.failed is None and w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
+                await self._settle_empty(w)
+        finally:
+            # Files before the index: removing the staging file frees the space that the index
+            # update below needs when the cache disk is full. If that update fails anyway, the row
+            # stays WRITING and settle_orphans() puts it right later.
+            reverting = not w.unlinked and (w.dirty or not w.committed)
+            del self.writers[w.ino]
+            os.close(w.fd)
+            if not w.committed:
+                _unlink_quiet(w.path)
+            elif reverting:
+                self._unlink_data(w.ino)  # committed once, then changed: not what S3 holds
         removed = False
-        if not w.unlinked and (w.dirty or not w.committed):
+        if reverting:
             # The upload failed (close() returned an error), or nothing was written: S3 still holds
             # the previous version (or nothing), so the index goes back to saying exactly that.
             if w.prev is None:
@@ -670,10 +687,6 @@ class Cache:
                 node = self.index.get(w.ino)
                 mtime = node.mtime_ns if node else time.time_ns()
                 self.index.set_object(w.ino, State.REMOTE, size, etag, mtime, self.listing_gen)
-            if w.committed:
-                self._unlink_data(w.ino)
-        if not w.committed:
-            _unlink_quiet(w.path)
         return removed
 
     async def _settle_empty(self, w: Writer) -> None:
@@ -795,8 +808,23 @@ class Cache:
             if len(batch) < 1000:
                 return n
 
+    def settle_orphans(self) -> None:
+        """WRITING rows with no writer (a crash, or an index update that failed on a full disk) go
+        back to what S3 holds: nothing was ever uploaded for them."""
+        for node in self.index.writing():
+            if node.ino in self.writers:
+                continue
+            if node.etag is None:
+                log.info("dropping %s: its write never completed", self.index.relpath(node.ino))
+                self.index.remove(node.ino)
+            else:
+                self.index.set_state(node.ino, State.REMOTE)
+            self._unlink_data(node.ino)
+
     def housekeeping(self) -> None:
-        """Periodic: age limit, free space taken by others, pending access times, counters."""
+        """Periodic: age limit, free space taken by others, pending access times, counters.
+        Raises what the index raises (a full cache disk); the caller logs it and goes on."""
+        self.settle_orphans()
         self.evict_aged()
         self.make_room(0)
         self.flush_atimes()

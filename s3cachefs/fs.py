@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -50,6 +51,9 @@ NEGATIVE_TIMEOUT = 1.0
 def errno_for(e: BaseException) -> int:
     if isinstance(e, OSError) and e.errno:
         return e.errno
+    if isinstance(e, sqlite3.Error):
+        # The index lives on the cache filesystem: a full disk is ENOSPC to the caller too.
+        return errno.ENOSPC if "full" in str(e) else errno.EIO
     if isinstance(e, NotFound):
         return errno.ENOENT
     if isinstance(e, AccessDenied):
@@ -64,7 +68,7 @@ def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except (OSError, S3Error) as e:
+        except (OSError, S3Error, sqlite3.Error) as e:
             code = errno_for(e)
             level = (
                 logging.DEBUG if code in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY) else logging.WARNING
@@ -190,7 +194,11 @@ class Operations(pyfuse3.Operations):
                 raise OSError(errno.EISDIR, "truncate")
             w = self.cache.writers.get(inode)
             if w is not None:
-                os.ftruncate(w.fd, attr.st_size)
+                try:
+                    os.ftruncate(w.fd, attr.st_size)
+                except OSError as e:
+                    self.cache.write_failed(w, e)
+                    raise
                 self.cache.truncated(w)
             else:
                 # truncate(path) with no open file: that is a complete write of its own, so it is
@@ -380,7 +388,13 @@ class Operations(pyfuse3.Operations):
         h = self._handle(fh)
         if h.writer is None:
             raise OSError(errno.EBADF, "file not open for writing")
-        n = os.pwrite(h.writer.fd, buf, off)
+        try:
+            n = os.pwrite(h.writer.fd, buf, off)
+        except OSError as e:
+            # ENOSPC on the cache disk: this file can no longer be what the writer wrote, so its
+            # close() must fail rather than upload what did fit.
+            self.cache.write_failed(h.writer, e)
+            raise
         self.cache.wrote(h.writer, off, n)
         return n
 

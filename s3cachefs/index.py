@@ -157,6 +157,11 @@ class Index:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def probe_writable(self) -> None:
+        """Raise sqlite3.OperationalError ("database or disk is full") now if the index cannot take a
+        write, before the caller changes S3 in a way the index must then record."""
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('probe', ?)", (str(time.time_ns()),))
+
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 

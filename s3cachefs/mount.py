@@ -20,6 +20,7 @@ import logging.handlers
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -211,11 +212,15 @@ async def _housekeeping(cache: Cache) -> None:
     while True:
         await trio.sleep(STATS_EVERY)
         ticks += 1
-        if ticks * STATS_EVERY >= HOUSEKEEPING_EVERY:
-            ticks = 0
-            cache.housekeeping()
-        else:
-            cache.persist_stats()
+        try:
+            if ticks * STATS_EVERY >= HOUSEKEEPING_EVERY:
+                ticks = 0
+                cache.housekeeping()
+            else:
+                cache.persist_stats()
+        except (OSError, sqlite3.Error) as e:
+            # A full cache disk must not take the mount down; writes already fail with ENOSPC.
+            log.error("housekeeping failed: %s", e)
 
 
 def _fsname(config: Config) -> str:
@@ -303,8 +308,11 @@ def run(config: Config) -> int:
                 parts.index.close()
                 return EXIT_RUNTIME
             pyfuse3.close(unmount=unmount)
-            parts.cache.flush_atimes()
-            parts.cache.persist_stats()
+            try:
+                parts.cache.flush_atimes()
+                parts.cache.persist_stats()
+            except sqlite3.Error as e:
+                log.error("could not save access times and counters: %s", e)
             parts.index.close()
             log.info("unmounted %s", config.mountpoint)
             return EXIT_OK

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -189,7 +190,9 @@ class Namespace:
                 return
             except S3Error as e:
                 log.warning("background listing failed (%s); retrying in %.0fs", e, retry_every)
-                await trio.sleep(retry_every)
+            except (OSError, sqlite3.Error) as e:  # e.g. a full cache disk: the mount stays up
+                log.error("background listing failed (%s); retrying in %.0fs", e, retry_every)
+            await trio.sleep(retry_every)
 
     def _apply_listed(self, o: ObjectInfo, gen: int, dirs: cachetools.LRUCache[str, int]) -> None:
         if not o.key.startswith(self.prefix):
@@ -273,6 +276,7 @@ class Namespace:
         node = self.index.get(node.ino)
         if node is None:
             return
+        self.index.probe_writable()  # see Cache.upload: never change S3 if the index cannot follow
         # Only what S3 holds needs a DELETE: not a local-only file, nor a new file never uploaded.
         if node.state in (State.REMOTE, State.CACHED) or (
             node.state == State.WRITING and node.etag is not None
@@ -330,6 +334,7 @@ class Namespace:
             return
         # S3 has no rename: copy then delete. A crash between the two leaves both names in S3 (never
         # neither), and the next listing shows both.
+        self.index.probe_writable()
         info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel)
         await self.s3.delete(self.prefix + src_rel)
         src = self.index.get(src.ino)
