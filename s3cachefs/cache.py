@@ -43,6 +43,7 @@ import logging
 import os
 import secrets
 import shutil
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -54,7 +55,18 @@ import trio
 
 from .config import DEFAULT_RANK, PathPolicy, policy_for
 from .index import IN_CACHE, Index, Node, State
-from .s3 import S3, IntegrityError, MultipartUpload, ObjectInfo, S3Error, md5_fd, md5_file
+from .s3 import (
+    S3,
+    IntegrityError,
+    LocalWriteError,
+    MultipartUpload,
+    ObjectInfo,
+    RangeResult,
+    S3Error,
+    first_error,
+    md5_fd,
+    md5_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -392,35 +404,53 @@ class Cache:
         if d.users == 0:
             os.close(d.fd)
 
+    async def _transfer(self, d: Download, node: Node, key: str) -> tuple[RangeResult, str | None]:
+        """Bring the object's bytes into d.fd: one GET, or parallel ranged GETs for a large one."""
+        part = self.limits.read_part_size
+        if node.size <= part:
+            # Small (most media): exactly one GET, no Range header, hashed as it streams.
+            r = await self.s3.get_range(key, d.fd, 0, None, lambda n: d.progress(0, n))
+            d.plan(r.total)
+            md5 = r.md5
+        else:
+            r = await self.s3.get_range(key, d.fd, 0, part - 1, lambda n: d.progress(0, n))
+            d.plan(r.total)
+            # The rest in parallel ranged GETs, started in order (the limiter is FIFO), so a
+            # sequential reader finds the next part already on its way: that is the read-ahead.
+            limiter = trio.CapacityLimiter(self.limits.read_concurrency)
+
+            async def fetch_part(i: int) -> None:
+                async with limiter:
+                    start = i * part
+                    end = min(start + part, r.total) - 1
+                    await self.s3.get_range(
+                        key, d.fd, start, end, lambda n: d.progress(i, n), if_match=r.etag
+                    )
+
+            with first_error():
+                async with trio.open_nursery() as parts:
+                    for i in range(1, d.nparts):
+                        parts.start_soon(fetch_part, i)
+            md5 = await trio.to_thread.run_sync(md5_fd, d.fd, limiter=self.limiter)
+        return r, md5
+
+    async def _transfer_restart(self, d: Download) -> None:
+        os.ftruncate(d.fd, 0)
+        d.received = [0] * len(d.received)
+        d.available = 0
+
     async def _download(self, d: Download, node: Node) -> None:
         key = self.key(d.ino)
         committed = False
         try:
-            part = self.limits.read_part_size
-            if node.size <= part:
-                # Small (most media): exactly one GET, no Range header, hashed as it streams.
-                r = await self.s3.get_range(key, d.fd, 0, None, lambda n: d.progress(0, n))
-                d.plan(r.total)
-                md5 = r.md5
-            else:
-                r = await self.s3.get_range(key, d.fd, 0, part - 1, lambda n: d.progress(0, n))
-                d.plan(r.total)
-                # The rest in parallel ranged GETs, started in order (the limiter is FIFO), so a
-                # sequential reader finds the next part already on its way: that is the read-ahead.
-                limiter = trio.CapacityLimiter(self.limits.read_concurrency)
-
-                async def fetch_part(i: int) -> None:
-                    async with limiter:
-                        start = i * part
-                        end = min(start + part, r.total) - 1
-                        await self.s3.get_range(
-                            key, d.fd, start, end, lambda n: d.progress(i, n), if_match=r.etag
-                        )
-
-                async with trio.open_nursery() as parts:
-                    for i in range(1, d.nparts):
-                        parts.start_soon(fetch_part, i)
-                md5 = await trio.to_thread.run_sync(md5_fd, d.fd, limiter=self.limiter)
+            try:
+                r, md5 = await self._transfer(d, node, key)
+            except LocalWriteError as e:
+                if e.errno != errno.ENOSPC or not self.relieve_disk():
+                    raise
+                # The cache disk was full and the cache made room: once more, from the start.
+                await self._transfer_restart(d)
+                r, md5 = await self._transfer(d, node, key)
             assert md5 is not None
             if os.fstat(d.fd).st_size != r.total:
                 raise IntegrityError(
@@ -512,7 +542,7 @@ class Cache:
                 return
             # The index must be able to record the result before S3 is changed (a full cache disk
             # fails here, with nothing done), so that S3 and the index cannot disagree.
-            self.index.probe_writable()
+            self.index_writable()
             rel = self.index.relpath(w.ino)
             if self.klass(rel).local_only:
                 await self._commit_local(w)
@@ -629,13 +659,14 @@ class Cache:
             md5.append(await trio.to_thread.run_sync(md5_file, w.path, limiter=self.limiter))
 
         try:
-            async with trio.open_nursery() as tail:
-                tail.start_soon(hash_whole)
-                off = pl.scheduled_end
-                while off < size:
-                    length = min(pl.part_size, size - off)
-                    tail.start_soon(pl.mpu.upload_part, off // pl.part_size + 1, w.path, off, length)
-                    off += length
+            with first_error():
+                async with trio.open_nursery() as tail:
+                    tail.start_soon(hash_whole)
+                    off = pl.scheduled_end
+                    while off < size:
+                        length = min(pl.part_size, size - off)
+                        tail.start_soon(pl.mpu.upload_part, off // pl.part_size + 1, w.path, off, length)
+                        off += length
             etag = await pl.mpu.complete()
         except BaseException:
             await pl.mpu.abort()
@@ -807,6 +838,48 @@ class Cache:
             n += len(batch)
             if len(batch) < 1000:
                 return n
+
+    def relieve_disk(self) -> int:
+        """The cache filesystem is full (ENOSPC from a write, or the index cannot grow): evict
+        S3-backed copies, whatever the cap says, until 5% of the filesystem (at least 1 MiB) is
+        free again. Returns the bytes freed. Data files go before their rows, so the space is
+        there even if the index cannot record it yet (such a row is demoted on its next open)."""
+        free, total = self._fs_bytes()
+        want = max(1024 * 1024, total // 20)
+        freed = skipped = 0
+        while free + freed < want:
+            batch = self.index.eviction_order(limit=256, offset=skipped)
+            if not batch:
+                break
+            for ino, size, state in batch:
+                if self.busy(ino) or state == State.LOCAL:
+                    skipped += 1
+                    continue
+                self._unlink_data(ino)
+                freed += size
+                try:
+                    self.index.set_state(ino, State.REMOTE)
+                    self.cached_bytes -= size
+                except sqlite3.Error:
+                    # Still listed as cached: skip it from now on; its next open finds the file
+                    # gone and demotes it (and only then is it uncounted, once).
+                    skipped += 1
+                self.stats["evictions"] += 1
+                if free + freed >= want:
+                    break
+        if freed:
+            log.warning("cache filesystem full: evicted %d bytes of cached copies to make room", freed)
+        return freed
+
+    def index_writable(self) -> None:
+        """Make sure the index can take a write before S3 is changed (see upload); a full disk is
+        relieved once by eviction before the error stands."""
+        try:
+            self.index.probe_writable()
+        except sqlite3.OperationalError:
+            if not self.relieve_disk():
+                raise
+            self.index.probe_writable()
 
     def settle_orphans(self) -> None:
         """WRITING rows with no writer (a crash, or an index update that failed on a full disk) go

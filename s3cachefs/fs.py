@@ -342,6 +342,7 @@ class Operations(pyfuse3.Operations):
         else:
             check_new_name(name)
             self.ns.dir_node(parent_inode)
+            self.cache.index_writable()
             # Nothing goes to S3 here (no 0-byte placeholder): the object appears at close().
             rel = self.ns.relpath_of(parent_inode, name)
             node = self.index.add_file(
@@ -391,10 +392,16 @@ class Operations(pyfuse3.Operations):
         try:
             n = os.pwrite(h.writer.fd, buf, off)
         except OSError as e:
-            # ENOSPC on the cache disk: this file can no longer be what the writer wrote, so its
-            # close() must fail rather than upload what did fit.
-            self.cache.write_failed(h.writer, e)
-            raise
+            if e.errno != errno.ENOSPC or not self.cache.relieve_disk():
+                # This file can no longer be what the writer wrote: its close() must fail rather
+                # than upload what did fit.
+                self.cache.write_failed(h.writer, e)
+                raise
+            try:  # the cache made room on a full disk: once more
+                n = os.pwrite(h.writer.fd, buf, off)
+            except OSError as e2:
+                self.cache.write_failed(h.writer, e2)
+                raise
         self.cache.wrote(h.writer, off, n)
         return n
 

@@ -250,6 +250,7 @@ class Namespace:
 
     async def mkdir(self, parent: int, name: bytes) -> Node:
         check_new_name(name)
+        self.cache.index_writable()
         if await self.lookup(parent, name) is not None:
             raise _err(errno.EEXIST, "mkdir")
         # No marker object: the directory exists in the index until keys below it make it real in S3.
@@ -276,7 +277,7 @@ class Namespace:
         node = self.index.get(node.ino)
         if node is None:
             return
-        self.index.probe_writable()  # see Cache.upload: never change S3 if the index cannot follow
+        self.cache.index_writable()  # see Cache.upload: never change S3 if the index cannot follow
         # Only what S3 holds needs a DELETE: not a local-only file, nor a new file never uploaded.
         if node.state in (State.REMOTE, State.CACHED) or (
             node.state == State.WRITING and node.etag is not None
@@ -334,7 +335,7 @@ class Namespace:
             return
         # S3 has no rename: copy then delete. A crash between the two leaves both names in S3 (never
         # neither), and the next listing shows both.
-        self.index.probe_writable()
+        self.cache.index_writable()
         info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel)
         await self.s3.delete(self.prefix + src_rel)
         src = self.index.get(src.ino)

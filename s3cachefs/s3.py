@@ -13,13 +13,14 @@ plain MD5 (single-part, no SSE-C), against its MD5 before the caller may treat i
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -65,6 +66,14 @@ class Unavailable(S3Error):
     """Could not reach S3, or it kept failing (timeouts, refused connections, 5xx) after retries."""
 
 
+class LocalWriteError(S3Error):
+    """Writing what S3 sent to the local file failed (e.g. ENOSPC on the cache disk): not S3's fault."""
+
+    def __init__(self, err: OSError):
+        super().__init__(f"writing to the cache: {err.strerror or err}")
+        self.errno = err.errno
+
+
 class IntegrityError(S3Error):
     """What arrived does not match what S3 says the object is (or the server rejected our digest)."""
 
@@ -87,6 +96,8 @@ class ObjectInfo:
 
 
 def _translate(e: Exception, what: str) -> S3Error:
+    if isinstance(e, S3Error):
+        return e
     if isinstance(e, botocore.exceptions.ClientError):
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -115,6 +126,26 @@ def _translate(e: Exception, what: str) -> S3Error:
 def _mtime_ns(obj: dict[str, Any]) -> int:
     lm = obj.get("LastModified")
     return int(lm.timestamp() * 1e9) if lm is not None else 0
+
+
+@contextlib.contextmanager
+def first_error() -> Iterator[None]:
+    """Around a nursery of parallel parts: their failures arrive as an exception group, but the
+    caller handles (and maps to an errno) one error. Cancellation and the like keep the group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        pending: list[BaseException] = [group]
+        while pending:
+            e = pending.pop()
+            if isinstance(e, BaseExceptionGroup):
+                pending.extend(e.exceptions)
+            else:
+                leaves.append(e)
+        if not leaves or not all(isinstance(e, Exception) for e in leaves):
+            raise
+        raise leaves[0] from group
 
 
 def md5_file(path: str) -> str:
@@ -383,10 +414,13 @@ class S3:
             whole.append(await trio.to_thread.run_sync(md5_file, path, limiter=self.limiter))
 
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(hash_task)
-                for i in range((size + chunk - 1) // chunk):
-                    nursery.start_soon(mpu.upload_part, i + 1, path, i * chunk, min(chunk, size - i * chunk))
+            with first_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(hash_task)
+                    for i in range((size + chunk - 1) // chunk):
+                        nursery.start_soon(
+                            mpu.upload_part, i + 1, path, i * chunk, min(chunk, size - i * chunk)
+                        )
             etag = await mpu.complete()
         except BaseException:
             await mpu.abort()
@@ -429,7 +463,10 @@ class S3:
                     md5.update(chunk)
                 view = memoryview(chunk)
                 while view:
-                    n = os.pwrite(fd, view, start + got)
+                    try:
+                        n = os.pwrite(fd, view, start + got)
+                    except OSError as err:
+                        raise LocalWriteError(err) from err
                     view = view[n:]
                     got += n
                 trio.from_thread.run_sync(progress, got)
