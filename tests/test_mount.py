@@ -201,20 +201,24 @@ def test_read_after_the_cache_is_wiped_fetches_from_s3(make_mount: MakeMount) ->
     assert read_like_pillow(m.path / ORIGINAL) == data
 
 
-def test_objects_already_in_the_bucket_are_listed_and_served(
-    make_mount: MakeMount, s3: S3Client, bucket: str
-) -> None:
-    # Laid out the way synapse-s3-storage-provider writes them: plain objects, no metadata, no markers.
+@pytest.mark.parametrize("prefix", ["", "foo", "media/"])
+def test_objects_already_in_the_bucket_are_listed_and_served(make_mount: MakeMount, s3: S3Client,
+                                                              bucket: str, prefix: str) -> None:
+    # Laid out the way synapse-s3-storage-provider writes them: plain objects, no metadata, no
+    # markers, key = prefix + path concatenated as is ("foo" gives "foolocal_content/...").
     objects = {ORIGINAL: os.urandom(5000)} | {f"{THUMB_DIR}/{t}": os.urandom(700) for t in THUMBS}
     for key, body in objects.items():
-        s3.put_object(Bucket=bucket, Key=key, Body=body)
-    m = make_mount(bucket=bucket)
+        s3.put_object(Bucket=bucket, Key=prefix + key, Body=body)
+    s3.put_object(Bucket=bucket, Key="other/not-under-the-prefix", Body=b"x")
+    m = make_mount(bucket=bucket, extra_args=["--prefix", prefix] if prefix else [])
     assert sorted(os.listdir(m.path / THUMB_DIR)) == sorted(THUMBS)
     for key, body in objects.items():
         assert os.path.isfile(m.path / key)
         assert (m.path / key).read_bytes() == body
     with os.scandir(m.path / "local_thumbnails/ab") as it:
         assert [(e.name, e.is_dir()) for e in it] == [("cd", True)]
+    # Keys outside the prefix are not part of the mount.
+    assert ("other" in os.listdir(m.path)) == (prefix == "")
 
 
 def test_a_torn_cache_file_is_never_served(make_mount: MakeMount) -> None:
