@@ -1435,6 +1435,11 @@ Workloads, per system and run:
   `os.stat` over every path, the measured second pass, and a third pass after `echo 2 >
   /proc/sys/vm/drop_caches` (kernel dentries and inodes dropped, so every lookup reaches the daemon).
   boto3: `head_object` of every key.
+- **pyfuse3 floor** (whenever s3cachefs is measured): right after the hot small reads and before the
+  stat passes, `bench/pyfuse3_floor.py` (a pyfuse3 + trio filesystem whose handlers answer from memory)
+  is mounted for a moment and measured with the same client code: 3 passes of hot reads of 100 KiB
+  files whose names were stat'ed first, and one stat pass after dropping dentries over paths of the
+  stat tree's shape. It is not a contender: it shows what any pyfuse3 + trio daemon can reach here.
 
 Every read is compared byte for byte with what was written (reads land in a preallocated buffer, the
 comparison happens outside the timing); every stat checks the size. A system that returns wrong bytes, loses
@@ -1657,6 +1662,15 @@ def main(argv: list[str] | None = None) -> int:
                 "failed": {f"{s}/{w}": why for (w, s), why in bench.res.failed.items()},
                 "cpu": bench.res.cpu,
                 "machine": machine(),
+                "versions": versions(bench.systems),
+                "s3cachefs_uncommitted_diff": next(
+                    (
+                        getattr(s, "snapshot_diff", "")
+                        for s in bench.systems
+                        if isinstance(s, S3cachefsSystem)
+                    ),
+                    "",
+                ),
             },
             indent=1,
         )

@@ -15,6 +15,7 @@ makes a blocked system call on the mount return, so a hung peer costs one phase,
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import os
 import re
@@ -261,6 +262,7 @@ class S3cachefsSystem(MountSystem):
         mount of this run must run the same code, the code the report names."""
         super().prepare()
         self.src = self.workdir / "src"
+        self.snapshot_diff = ""
         shutil.rmtree(self.src, ignore_errors=True)
         shutil.copytree(
             REPO / "s3cachefs", self.src / "s3cachefs", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -299,6 +301,11 @@ class S3cachefsSystem(MountSystem):
         if snap == head:
             return f"git {rev[:12]} (s3cachefs/ as committed)"
         changed = sorted(n for n in set(snap) | set(head) if snap.get(n) != head.get(n))
+        # The uncommitted changes that were measured, as a unified diff (saved in the JSON report).
+        for name in changed:
+            old = head.get(name, b"").decode(errors="replace").splitlines(keepends=True)
+            new = snap.get(name, b"").decode(errors="replace").splitlines(keepends=True)
+            self.snapshot_diff += "".join(difflib.unified_diff(old, new, f"a/{name}", f"b/{name}"))
         return (
             f"git {rev[:12]} + uncommitted changes to {', '.join(changed)} "
             f"(snapshot sha1 {digest.hexdigest()[:12]})"
