@@ -799,6 +799,10 @@ class Cache:
         if need <= 0:
             return
         self.flush_atimes()
+        with self.index.transaction():
+            self._evict_batch(need, floor_short)
+
+    def _evict_batch(self, need: int, floor_short: bool) -> None:
         freed = skipped = 0
         while freed < need:
             batch = self.index.eviction_order(limit=256, offset=skipped)
@@ -829,6 +833,10 @@ class Cache:
     def evict_aged(self) -> int:
         """Drop cached copies not used within their max age. Returns how many went."""
         self.flush_atimes()
+        with self.index.transaction():
+            return self._evict_expired()
+
+    def _evict_expired(self) -> int:
         n = 0
         now = int(self.clock())
         while True:

@@ -15,6 +15,7 @@ the last full listing that saw the object (used to drop entries for objects dele
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import sqlite3
@@ -358,6 +359,19 @@ class Index:
 
     def mark_all_dirs_complete(self) -> None:
         self.db.execute("UPDATE nodes SET complete=1 WHERE state=?", (int(State.DIR),))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction for many small writes (an eviction pass: one commit, not one per file).
+        Joins a transaction that is already open."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
 
     def begin(self) -> None:
         self.db.execute("BEGIN")

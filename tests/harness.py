@@ -301,6 +301,11 @@ class S3Server:
             "-admin.ui=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            # Every test bucket is a collection that grows volumes of its own, and weed has as many
+            # volume slots as free disk / volume size: with the default 1 GiB volumes a session of
+            # ~80 buckets ran out ("No writable volumes and no free volumes left") on a disk with
+            # 63 GB free. 128 MiB volumes hold every test object and give 8 times the slots.
+            "-master.volumeSizeLimitMB=128",
         ]
         args += [f"-{flag}={port}" for flag, port in self.ports.items()]
         # Unix sockets next to the data rather than /tmp/seaweedfs-*-<port>.sock (sun_path is 108 bytes).
