@@ -351,7 +351,7 @@ class Tally:
         with self.lock:
             self.c[kind] += 1
             self.kinds[f"{kind}: {msg.split(':', 1)[0]}"] += 1
-            if len(self.problems) < 60:
+            if len(self.problems) < 400:
                 self.problems.append(f"[{time.strftime('%H:%M:%S')}] {kind}: {msg}")
 
     def snapshot(self) -> Counter[str]:
@@ -1033,9 +1033,16 @@ def verdict(samples: list[Sample], rss_pct: float, fd_band: int) -> Verdict:
         fit = statistics.linear_regression([s.t_min for s in span], [s.rss for s in span])
         slope = f"; least-squares slope {fit.slope:+.2f} MiB/min over {len(span)} samples"
     rss_flat = pct < rss_pct
+    late = samples[len(samples) // 2 :]
+    if len(late) >= 3:
+        fit2 = statistics.linear_regression([s.t_min for s in late], [s.rss for s in late])
+        slope += (
+            f"; second half ({late[0].t_min:.0f}-{late[-1].t_min:.0f} min): slope {fit2.slope:+.2f} MiB/min, "
+            f"{late[-1].rss - late[0].rss:+.1f} MiB"
+        )
     lines.append(
         f"RSS: {ref.rss:.1f} MiB at {ref.t_min:.1f} min (2nd sample) -> {last.rss:.1f} MiB at {last.t_min:.1f} min: "
-        f"{growth:+.1f} MiB ({pct:+.1f} %){slope}; max VmHWM {max(s.hwm for s in samples):.1f} MiB "
+        f"{growth:+.1f} MiB ({pct:+.2f} %){slope}; max VmHWM {max(s.hwm for s in samples):.1f} MiB "
         f"-> {'flat' if rss_flat else 'NOT flat'} (threshold < {rss_pct:g} %)"
     )
     fds = [s.fds for s in span]
@@ -1225,10 +1232,6 @@ def main() -> int:
                 log(f"--- tail of the daemon's log {mount.log_path} ---\n{tail(mount.log_path, 40)}")
         if server is not None:
             server.stop()
-        if not args.keep and not failed:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            log(f"work directory kept: {work}")
 
     # -- report ---------------------------------------------------------------------------------------
     ops = tally.snapshot()
@@ -1252,10 +1255,14 @@ def main() -> int:
         + ", ".join(f"{k} {ops[k]}" for k in FAILURE_KINDS)
         + f"; torn {ops['torn']}{' (allowed)' if args.allow_torn else ''}; errors {ops['error']}"
     )
-    for p in tally.problems[:30]:
+    # Failures first (all kinds, the first 40 in full), then a few torn reads and errors.
+    serious = [p for p in tally.problems if not p.split("] ", 1)[-1].startswith(("torn:", "error:"))]
+    others = [p for p in tally.problems if p not in serious]
+    for p in serious[:40] + others[:10]:
         log(f"  {p}")
     if tally.kinds:
-        log("by kind: " + "; ".join(f"{k} x{v}" for k, v in tally.kinds.most_common(10)))
+        kinds = sorted(tally.kinds.items(), key=lambda kv: (kv[0].startswith("torn"), -kv[1]))
+        log("by kind: " + "; ".join(f"{k} x{v}" for k, v in kinds[:25]))
     if log_kinds:
         log("daemon log warnings/errors: " + "; ".join(f"{k} x{v}" for k, v in log_kinds.most_common(12)))
     if final is not None:
@@ -1281,9 +1288,15 @@ def main() -> int:
     flat = f"RSS and fds {'flat' if v.flat else 'NOT flat'}"
     if failed:
         log(f"VERDICT: FAILED - {'; '.join(failed)}; {flat}")
-        return 1
-    log(f"VERDICT: correct; {flat}")
-    return 0 if v.flat else 3
+        code = 1
+    else:
+        log(f"VERDICT: correct; {flat}")
+        code = 0 if v.flat else 3
+    if args.keep or code == 1:
+        log(f"work directory kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return code
 
 
 def _log_kinds(mount: Mount) -> Counter[str]:
