@@ -157,6 +157,9 @@ class Writer:
     # errno of a write() or truncate that failed (e.g. ENOSPC): the staging file is not what the
     # writer wrote, so it must never be uploaded; every later close() fails with this errno.
     failed: int | None = None
+    # Bumped by every write and truncate. An upload remembers it: a write that lands while the
+    # upload runs (a FLUSH from another fd mid-write) leaves the file dirty for the real close().
+    generation: int = 0
 
 
 @dataclass(eq=False)
@@ -524,6 +527,7 @@ class Cache:
         return w
 
     def mark_dirty(self, w: Writer) -> None:
+        w.generation += 1
         if not w.dirty:
             w.dirty = True
             if w.committed:
@@ -540,12 +544,13 @@ class Cache:
                 raise OSError(w.failed, "an earlier write to this file failed; nothing was uploaded")
             if not w.dirty or w.unlinked:
                 return
+            generation = w.generation
             # The index must be able to record the result before S3 is changed (a full cache disk
             # fails here, with nothing done), so that S3 and the index cannot disagree.
             self.index_writable()
             rel = self.index.relpath(w.ino)
             if self.klass(rel).local_only:
-                await self._commit_local(w)
+                await self._commit_local(w, generation)
                 return
             if os.fstat(w.fd).st_size == 0:
                 # Never a 0-byte object in the bucket. Shells open, dup2 and close a file before the
@@ -569,8 +574,7 @@ class Cache:
             self._verified[w.ino] = True
             self.cached_bytes += info.size
             w.prev = (info.size, info.etag)
-            w.dirty = False
-            w.committed = True
+            self._committed(w, generation, info.size)
             self.stats["uploads"] += 1
             self.stats["uploaded_bytes"] += info.size
 
@@ -674,7 +678,18 @@ class Cache:
         self.stats["pipelined_uploads"] += 1
         return ObjectInfo(pl.mpu.key, size, etag, 0, md5[0])
 
-    async def _commit_local(self, w: Writer) -> None:
+    def _committed(self, w: Writer, generation: int, size: int) -> None:
+        """The bytes of `generation` are committed. If the file was written meanwhile, what was
+        committed is an older state: it stays dirty (and WRITING), so the next close() uploads."""
+        w.committed = True
+        if w.generation == generation:
+            w.dirty = False
+            return
+        w.dirty = True
+        self.cached_bytes -= size
+        self.index.set_state(w.ino, State.WRITING)
+
+    async def _commit_local(self, w: Writer, generation: int) -> None:
         """close() of a local-only file: durable on the cache disk (fsync), never sent to S3."""
         md5 = await trio.to_thread.run_sync(_fsync_and_hash, w.fd, limiter=self.limiter)
         if w.unlinked:
@@ -686,8 +701,7 @@ class Cache:
         self.index.set_md5(w.ino, md5)
         self._verified[w.ino] = True
         self.cached_bytes += size
-        w.dirty = False
-        w.committed = True
+        self._committed(w, generation, size)
 
     async def finish_write(self, w: Writer) -> bool:
         """Last write handle closed. Returns True if the row was removed (the write never reached S3)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING
 
-from .harness import MakeMount, wait_until
+from .harness import MakeMount, Mount, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -56,3 +57,27 @@ def test_a_write_that_goes_back_falls_back_to_a_whole_upload(make_mount: MakeMou
     assert s3.get_object(Bucket=m.bucket, Key=key)["Body"].read() == bytes(data)
     # The abandoned multipart upload is aborted in the background.
     assert wait_until(lambda: s3.list_multipart_uploads(Bucket=m.bucket).get("Uploads", []) == [], 30)
+
+
+def test_a_flush_in_the_middle_of_a_write_never_leaves_a_truncated_object(mounted: Mount, s3: S3Client) -> None:
+    # Another fd of the same open file is closed while the writer goes on (a child process closing
+    # an inherited fd, or dup + close): FUSE sends a FLUSH, which uploads what is there so far.
+    # The writes that follow must make the real close() upload again, never report a stale success.
+    key = "local_content/ab/cd/racy"
+    data = os.urandom(12 * MiB)
+    os.makedirs(mounted.path / "local_content/ab/cd")
+    fd = os.open(mounted.path / key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    closers: list[threading.Thread] = []
+    try:
+        for off in range(0, len(data), 64 * 1024):
+            os.write(fd, data[off : off + 64 * 1024])
+            if off in (2 * MiB, 4 * MiB, 6 * MiB):
+                # Closed by another thread: its flush uploads while this one keeps writing.
+                closers.append(threading.Thread(target=os.close, args=(os.dup(fd),)))
+                closers[-1].start()
+    finally:
+        for t in closers:
+            t.join(60)
+        os.close(fd)
+    assert s3.get_object(Bucket=mounted.bucket, Key=key)["Body"].read() == data
+    assert os.path.getsize(mounted.path / key) == len(data)
