@@ -160,6 +160,10 @@ class Writer:
     # Bumped by every write and truncate. An upload remembers it: a write that lands while the
     # upload runs (a FLUSH from another fd mid-write) leaves the file dirty for the real close().
     generation: int = 0
+    # The row was CACHED when the write began: its data/ file is the S3 version in `prev`.
+    was_cached: bool = False
+    # Set while the last release settles the file (finish_write); new opens wait for it.
+    closing: trio.Event | None = None
 
 
 @dataclass(eq=False)
@@ -199,6 +203,9 @@ class Klass:
 
 
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
+
+# A download that finds the cache disk full makes room and starts over, this many times at most.
+DISK_FULL_ATTEMPTS = 6
 
 # Flush access times to the index when this many are pending (and at every eviction pass and every
 # housekeeping tick): one transaction for many reads instead of one disk write per open.
@@ -402,6 +409,24 @@ class Cache:
         d.users += 1
         return d
 
+    @staticmethod
+    def found_disk_full(d: Download) -> bool:
+        """The download failed because the cache disk had no room, even after eviction."""
+        return isinstance(d.error, LocalWriteError) and d.error.errno == errno.ENOSPC
+
+    async def read_direct(self, ino: int, off: int, size: int) -> bytes:
+        """Serve one read straight from S3, for a file the full cache disk has no room for: slower
+        (a ranged GET per read), but the reader gets its bytes rather than EIO. If-Match keeps
+        every range to the version the index knows."""
+        node = self.index.get(ino)
+        if node is None or node.etag is None:
+            raise OSError(errno.EIO, f"inode {ino}: no S3 object to read from")
+        size = min(size, node.size - off)
+        if size <= 0:
+            return b""
+        self.stats["direct_reads"] += 1
+        return await self.s3.get_bytes(self.key(ino), off, size, node.etag)
+
     def close_download(self, d: Download) -> None:
         d.users -= 1
         if d.users == 0:
@@ -446,14 +471,21 @@ class Cache:
         key = self.key(d.ino)
         committed = False
         try:
-            try:
-                r, md5 = await self._transfer(d, node, key)
-            except LocalWriteError as e:
-                if e.errno != errno.ENOSPC or not self.relieve_disk():
-                    raise
-                # The cache disk was full and the cache made room: once more, from the start.
-                await self._transfer_restart(d)
-                r, md5 = await self._transfer(d, node, key)
+            for attempt in range(1, DISK_FULL_ATTEMPTS + 1):
+                try:
+                    r, md5 = await self._transfer(d, node, key)
+                    break
+                except LocalWriteError as e:
+                    if e.errno != errno.ENOSPC or attempt == DISK_FULL_ATTEMPTS:
+                        raise
+                    # The cache disk is full: drop what came in, make room for the whole object
+                    # (from copies that S3 also holds), then once more from the start. Space held
+                    # by other downloads and writes in progress comes back when they end.
+                    await self._transfer_restart(d)
+                    if not self.relieve_disk(need=d.size):
+                        if len(self._downloads) <= 1 and not self.writers:
+                            raise
+                        await trio.sleep(0.1 * attempt)
             assert md5 is not None
             if os.fstat(d.fd).st_size != r.total:
                 raise IntegrityError(
@@ -496,6 +528,12 @@ class Cache:
     async def start_write(self, node: Node, truncate: bool) -> Writer:
         """Open (or join) the staging file of `node`. Without truncate it starts as a copy of the file."""
         w = self.writers.get(node.ino)
+        while w is not None and w.closing is not None:
+            await w.closing.wait()
+            fresh = self.index.get(node.ino)
+            if fresh is None:
+                raise FileNotFoundError(errno.ENOENT, "file was removed")
+            node, w = fresh, self.writers.get(node.ino)
         if w is not None:
             if truncate:
                 os.ftruncate(w.fd, 0)
@@ -516,13 +554,14 @@ class Cache:
             os.unlink(path)
             raise
         prev = (node.size, node.etag) if node.state in (State.REMOTE, State.CACHED) and node.etag else None
+        was_cached = node.state == State.CACHED
         if node.state in IN_CACHE:
             self.cached_bytes -= node.size
         self.index.set_state(node.ino, State.WRITING)
         # A local-only file has no other copy to go back to: its close always commits it again.
         dirty = truncate or prev is None
         w = self.writers[node.ino] = Writer(
-            node.ino, path, fd, prev, dirty=dirty, seq_end=os.fstat(fd).st_size
+            node.ino, path, fd, prev, dirty=dirty, seq_end=os.fstat(fd).st_size, was_cached=was_cached
         )
         return w
 
@@ -553,10 +592,11 @@ class Cache:
                 await self._commit_local(w, generation)
                 return
             if os.fstat(w.fd).st_size == 0:
-                # Never a 0-byte object in the bucket. Shells open, dup2 and close a file before the
-                # data arrives (`cmd > file`), and every close() is a FUSE flush: an empty flush is
-                # not the end of the write. What an empty file means is settled at the last close
-                # (finish_write); until then there is nothing to lose, so success is honest.
+                # Never a 0-byte object in the bucket: an empty file lives in the cache only. If it
+                # replaced an object, that object is deleted now, before close() returns, so that a
+                # crash cannot bring the old bytes back. (Shells open, dup2 and close a file before
+                # the data arrives, `cmd > file`; the object is then written at the last close.)
+                await self._settle_empty(w, generation)
                 return
             # Uploads read the file in worker threads; the size at this moment is what gets committed.
             info = await self._finish_pipeline(w)
@@ -569,8 +609,7 @@ class Cache:
             assert node is not None, "a written file's row is only removed by unlink, which sets w.unlinked"
             self.make_room(info.size)
             w.path = self._place(w.path, w.ino)
-            self.index.set_object(w.ino, State.CACHED, info.size, info.etag, time.time_ns(), self.listing_gen)
-            self.index.set_md5(w.ino, info.md5)
+            self._record(w.ino, State.CACHED, info.size, info.etag, info.md5)
             self._verified[w.ino] = True
             self.cached_bytes += info.size
             w.prev = (info.size, info.etag)
@@ -678,6 +717,29 @@ class Cache:
         self.stats["pipelined_uploads"] += 1
         return ObjectInfo(pl.mpu.key, size, etag, 0, md5[0])
 
+    def _record(self, ino: int, state: State, size: int, etag: str | None, md5: str | None) -> None:
+        """Record what S3 now holds, after a PUT or DELETE (see _index_write)."""
+
+        def record() -> None:
+            self.index.set_object(ino, state, size, etag, time.time_ns(), self.listing_gen)
+            self.index.set_md5(ino, md5)
+
+        self._index_write(record)
+
+    def _index_write(self, change: Callable[[], None]) -> None:
+        """Make an index change that must not be lost, in one transaction. The index is probed before
+        S3 is changed, but a full cache disk can still refuse the few pages a change needs: then
+        cached copies are evicted and it is tried once more, since an index that disagrees with S3
+        fails a write S3 in fact holds, or shows a file that never was."""
+        for attempt in (1, 2):
+            try:
+                with self.index.transaction(atomic=True):
+                    change()
+                return
+            except sqlite3.OperationalError:
+                if attempt == 2 or not self.relieve_disk():
+                    raise
+
     def _committed(self, w: Writer, generation: int, size: int) -> None:
         """The bytes of `generation` are committed. If the file was written meanwhile, what was
         committed is an older state: it stays dirty (and WRITING), so the next close() uploads."""
@@ -704,57 +766,71 @@ class Cache:
         self._committed(w, generation, size)
 
     async def finish_write(self, w: Writer) -> bool:
-        """Last write handle closed. Returns True if the row was removed (the write never reached S3)."""
-        self._drop_pipeline(w)
+        """Last write handle closed. Returns True if the row was removed (the write never reached S3).
+
+        An open for writing that arrives while this awaits waits for it (start_write), then starts
+        a writer of its own on what the index says by then."""
+        w.closing = trio.Event()
         try:
+            self._drop_pipeline(w)
             if w.failed is None and w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
-                await self._settle_empty(w)
+                # Emptied, and no close() settled it (a truncate through an fd that was never
+                # flushed, say): the last release does it, with errors only logged.
+                try:
+                    async with w.lock:
+                        await self._settle_empty(w, w.generation)
+                except (S3Error, OSError) as e:
+                    log.warning("could not delete %s after it was emptied: %s", self.key(w.ino), e)
         finally:
-            # Files before the index: removing the staging file frees the space that the index
-            # update below needs when the cache disk is full. If that update fails anyway, the row
-            # stays WRITING and settle_orphans() puts it right later.
-            reverting = not w.unlinked and (w.dirty or not w.committed)
-            del self.writers[w.ino]
-            os.close(w.fd)
-            if not w.committed:
-                _unlink_quiet(w.path)
-            elif reverting:
-                self._unlink_data(w.ino)  # committed once, then changed: not what S3 holds
-        removed = False
-        if reverting:
-            # The upload failed (close() returned an error), or nothing was written: S3 still holds
-            # the previous version (or nothing), so the index goes back to saying exactly that.
-            if w.prev is None:
-                self.index.remove(w.ino)
-                removed = True
-            else:
-                size, etag = w.prev
-                node = self.index.get(w.ino)
-                mtime = node.mtime_ns if node else time.time_ns()
-                self.index.set_object(w.ino, State.REMOTE, size, etag, mtime, self.listing_gen)
+            try:
+                removed = self._retire(w)
+            finally:
+                w.closing.set()
         return removed
 
-    async def _settle_empty(self, w: Writer) -> None:
-        """A file that ends up empty is kept in the cache only: S3 never gets a 0-byte object.
+    def _retire(self, w: Writer) -> bool:
+        # Files before the index: removing the staging file frees the space that the index update
+        # below needs when the cache disk is full. If that update fails anyway, the row stays
+        # WRITING and settle_orphans() puts it right later.
+        reverting = not w.unlinked and (w.dirty or not w.committed)
+        del self.writers[w.ino]
+        os.close(w.fd)
+        if not w.committed:
+            _unlink_quiet(w.path)
+        elif reverting:
+            self._unlink_data(w.ino)  # committed once, then changed: not what S3 holds
+        if not reverting:
+            return False
+        # The upload failed (close() returned an error), or nothing was written: S3 still holds the
+        # previous version (or nothing), so the index goes back to saying exactly that.
+        if w.prev is None:
+            self._index_write(lambda: self.index.remove(w.ino))
+            return True
+        size, etag = w.prev
+        node = self.index.get(w.ino)
+        mtime = node.mtime_ns if node else time.time_ns()
+        state = State.REMOTE
+        if w.was_cached and not w.committed and _has_size(self.data_path(w.ino), size):
+            # Never uploaded: the cached copy the write started from is still the object in S3.
+            state = State.CACHED
+        self._index_write(lambda: self.index.set_object(w.ino, state, size, etag, mtime, self.listing_gen))
+        if state == State.CACHED:
+            self.cached_bytes += size
+        return False
 
-        If it replaced an object, that object is deleted, so S3 cannot serve the old bytes; if the
-        delete fails, the file goes back to the version S3 still holds (finish_write's revert).
-        """
-        async with w.lock:
-            if w.prev is not None:
-                try:
-                    await self.s3.delete(self.key(w.ino))
-                except S3Error as e:
-                    log.warning("could not delete %s after it was emptied: %s", self.key(w.ino), e)
-                    return
-                w.prev = None
-            if w.unlinked:
-                return
-            w.path = self._place(w.path, w.ino)
-            self.index.set_object(w.ino, State.LOCAL, 0, None, time.time_ns(), self.listing_gen)
-            self.index.set_md5(w.ino, EMPTY_MD5)
-            w.dirty = False
-            w.committed = True
+    async def _settle_empty(self, w: Writer, generation: int) -> None:
+        """Commit an empty file (with w.lock held): kept in the cache only, as LOCAL, since S3 never
+        gets a 0-byte object. If it replaced an object, that object is deleted first; if the delete
+        fails, so does the close(), and the last release goes back to the version S3 still holds."""
+        if w.prev is not None:
+            await self.s3.delete(self.key(w.ino))
+            w.prev = None
+        if w.unlinked:
+            return
+        w.path = self._place(w.path, w.ino)
+        self._record(w.ino, State.LOCAL, 0, None, EMPTY_MD5)
+        self._verified[w.ino] = True
+        self._committed(w, generation, 0)
 
     # -- removal and eviction -----------------------------------------------------------------------
 
@@ -861,13 +937,14 @@ class Cache:
             if len(batch) < 1000:
                 return n
 
-    def relieve_disk(self) -> int:
+    def relieve_disk(self, need: int = 0) -> int:
         """The cache filesystem is full (ENOSPC from a write, or the index cannot grow): evict
-        S3-backed copies, whatever the cap says, until 5% of the filesystem (at least 1 MiB) is
-        free again. Returns the bytes freed. Data files go before their rows, so the space is
-        there even if the index cannot record it yet (such a row is demoted on its next open)."""
+        S3-backed copies, whatever the cap says, until `need` bytes plus 5% of the filesystem (at
+        least 1 MiB) are free again. Returns the bytes freed. Data files go before their rows, so
+        the space is there even if the index cannot record it yet (such a row is demoted on its
+        next open)."""
         free, total = self._fs_bytes()
-        want = max(1024 * 1024, total // 20)
+        want = max(1024 * 1024, total // 20) + need
         freed = skipped = 0
         while free + freed < want:
             batch = self.index.eviction_order(limit=256, offset=skipped)
@@ -977,6 +1054,13 @@ def _copy_fd(src: int, dst: int) -> None:
     with os.fdopen(os.dup(src), "rb") as fin, os.fdopen(os.dup(dst), "wb") as fout:
         fin.seek(0)
         shutil.copyfileobj(fin, fout, 1024 * 1024)
+
+
+def _has_size(path: str, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def _unlink_quiet(path: str) -> None:

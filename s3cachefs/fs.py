@@ -89,6 +89,8 @@ class _Handle:
     checked: bool = False  # the copy behind fd was verified (Cache.verify) by this handle or earlier
     download: Download | None = None  # a cold file being streamed in (Cache.open_download)
     writer: Writer | None = None
+    size: int = 0  # the file's size when opened: fstat() of it once unlinked with no local copy
+    direct: bool = False  # the cache disk had no room for it: every read is a ranged GET
 
 
 class Operations(pyfuse3.Operations):
@@ -152,7 +154,7 @@ class Operations(pyfuse3.Operations):
         for h in self._handles.values():
             if h.ino == ino:
                 fd = h.writer.fd if h.writer else h.fd
-                size = os.fstat(fd).st_size if fd is not None else 0
+                size = os.fstat(fd).st_size if fd is not None else h.size
                 return self._attr(Node(ino, 0, b"", State.CACHED, size, None, time.time_ns(), 0, False))
         return None
 
@@ -315,7 +317,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.is_dir:
             raise OSError(errno.EISDIR, "open")
-        h = _Handle(inode)
+        h = _Handle(inode, size=node.size)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writing:
             h.writer = await self.cache.start_write(node, truncate=bool(flags & os.O_TRUNC))
@@ -368,14 +370,20 @@ class Operations(pyfuse3.Operations):
         w = self.cache.writers.get(h.ino)
         if w is not None:
             return os.pread(w.fd, size, off)
+        if h.direct:
+            return await self.cache.read_direct(h.ino, off, size)
         if h.download is not None:
-            return await h.download.read(off, size)
+            return await self._read_download(h, off, size)
         if h.fd is None:
-            fd = self.cache.open_cached(self._node(h.ino))
+            node = self.index.get(h.ino)
+            if node is None:
+                # Unlinked while open, before any of its bytes came in: they are gone from S3 too.
+                raise OSError(errno.EIO, f"inode {h.ino} was deleted before its data was read")
+            fd = self.cache.open_cached(node)
             if fd is None:
                 # Cold: stream it. This read returns as soon as its own bytes have arrived.
-                h.download = self.cache.open_download(self._node(h.ino))
-                return await h.download.read(off, size)
+                h.download = self.cache.open_download(node)
+                return await self._read_download(h, off, size)
             h.fd = fd
         if not h.checked:
             fd, h.fd = h.fd, None  # verify() owns it now, and may swap it for a fresh download
@@ -383,6 +391,21 @@ class Operations(pyfuse3.Operations):
             h.checked = True
         # Local disk (usually the page cache): cheaper inline than a thread hop per 128 KiB read.
         return os.pread(h.fd, size, off)
+
+    async def _read_download(self, h: _Handle, off: int, size: int) -> bytes:
+        d = h.download
+        assert d is not None
+        try:
+            return await d.read(off, size)
+        except OSError:
+            if not self.cache.found_disk_full(d):
+                raise
+        # No room on the cache disk for this file, even after eviction: read it from S3 instead.
+        # (The kernel sends reads of one handle in parallel: the first to get here switches.)
+        if h.download is d:
+            self.cache.close_download(d)
+            h.download, h.direct = None, True
+        return await self.cache.read_direct(h.ino, off, size)
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -148,6 +148,11 @@ class Index:
             "INSERT OR IGNORE INTO nodes(ino, parent, name, state, mtime_ns, complete) VALUES (?, 0, x'', ?, ?, 0)",
             (ROOT_INO, int(State.DIR), now * 10**9),
         )
+        # New rows take numbers above every number this process has handed out, never SQLite's
+        # default (max + 1), which gives a deleted newest file's number to the next file: the
+        # kernel, still holding the old inode (generation 0), would serve its cached attributes and
+        # pages for the new file. Across mounts reuse is harmless: the kernel starts afresh.
+        self._last_ino: int = self.db.execute("SELECT MAX(ino) FROM nodes").fetchone()[0]
 
     def close(self) -> None:
         self.db.close()
@@ -201,14 +206,18 @@ class Index:
 
     # -- changes --------------------------------------------------------------------------------------
 
+    def _new_ino(self) -> int:
+        self._last_ino += 1
+        return self._last_ino
+
     def add_dir(self, parent: int, name: bytes, complete: bool) -> Node:
         now = time.time_ns()
-        cur = self.db.execute(
-            "INSERT INTO nodes(parent, name, state, mtime_ns, complete) VALUES (?, ?, ?, ?, ?)",
-            (parent, name, int(State.DIR), now, int(complete)),
+        ino = self._new_ino()
+        self.db.execute(
+            "INSERT INTO nodes(ino, parent, name, state, mtime_ns, complete) VALUES (?, ?, ?, ?, ?, ?)",
+            (ino, parent, name, int(State.DIR), now, int(complete)),
         )
-        assert cur.lastrowid is not None
-        return Node(cur.lastrowid, parent, name, State.DIR, 0, None, now, 0, complete)
+        return Node(ino, parent, name, State.DIR, 0, None, now, 0, complete)
 
     def add_file(
         self,
@@ -223,10 +232,12 @@ class Index:
         atime: int | None = None,
     ) -> Node:
         """klass: (eviction rank, max age in seconds or None) from the path's cache policy."""
-        cur = self.db.execute(
-            "INSERT INTO nodes(parent, name, state, size, etag, mtime_ns, atime, seen, rank, max_age)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ino = self._new_ino()
+        self.db.execute(
+            "INSERT INTO nodes(ino, parent, name, state, size, etag, mtime_ns, atime, seen, rank, max_age)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
+                ino,
                 parent,
                 name,
                 int(state),
@@ -239,8 +250,7 @@ class Index:
                 klass[1],
             ),
         )
-        assert cur.lastrowid is not None
-        return self.get(cur.lastrowid)  # type: ignore[return-value]
+        return self.get(ino)  # type: ignore[return-value]
 
     def set_state(self, ino: int, state: State) -> None:
         self.db.execute("UPDATE nodes SET state=? WHERE ino=?", (int(state), ino))
@@ -361,17 +371,23 @@ class Index:
         self.db.execute("UPDATE nodes SET complete=1 WHERE state=?", (int(State.DIR),))
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, atomic: bool = False) -> Iterator[None]:
         """One transaction for many small writes (an eviction pass: one commit, not one per file).
-        Joins a transaction that is already open."""
+        Joins a transaction that is already open. atomic: all or nothing, rolled back if anything
+        fails (e.g. the disk is full); otherwise what was done before the failure is committed."""
         if self.db.in_transaction:
             yield
             return
         self.db.execute("BEGIN")
         try:
             yield
+        except BaseException:
+            if atomic and self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
         finally:
-            self.db.execute("COMMIT")
+            if self.db.in_transaction:
+                self.db.execute("COMMIT")
 
     def begin(self) -> None:
         self.db.execute("BEGIN")

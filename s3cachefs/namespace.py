@@ -299,8 +299,20 @@ class Namespace:
         await self.ensure_listed(node.ino)
         if self.index.has_children(node.ino):
             raise _err(errno.ENOTEMPTY, "rmdir")
+        rel = self.relpath_of(parent, name)
+        # The directory's marker object, if another tool made one ("a/b/", which we show as a
+        # directory), must go, or the directory comes back at the next listing. SeaweedFS also
+        # keeps the empty directories of deleted objects and lists them as common prefixes until
+        # this same DELETE. Deleting a key that does not exist is not an error in S3.
+        self.cache.index_writable()
+        await self.s3.delete(self.prefix + rel + "/")
+        node = self.index.get(node.ino)
+        if node is None:
+            return
+        if self.index.has_children(node.ino):
+            raise _err(errno.ENOTEMPTY, "rmdir")
         self.index.remove(node.ino)
-        self._gone(self.relpath_of(parent, name))
+        self._gone(rel)
 
     async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, noreplace: bool) -> None:
         src = await self.lookup(p_old, n_old)
@@ -330,8 +342,17 @@ class Namespace:
             # Between a local-only path and an uploaded one: that is an upload or a download, which
             # mv(1) and shutil.move do themselves on EXDEV.
             raise _err(errno.EXDEV, "rename between local-only and uploaded paths")
-        if src_k.local_only:
+        if src_k.local_only or src.state == State.LOCAL:
+            # A local-only file, or an empty one (kept in the cache only): no object to copy. An
+            # object under the new name must go, or a wiped cache would bring its bytes back.
+            if dst is not None and dst.state != State.LOCAL:
+                self.cache.index_writable()
+                await self.s3.delete(self.prefix + dst_rel)
+                if self.index.get(src.ino) is None:
+                    return
             self._move_file_row(src.ino, p_new, n_new, dst_k)
+            self._gone(src_rel)
+            self.negative.pop(dst_rel, None)
             return
         # S3 has no rename: copy then delete. A crash between the two leaves both names in S3 (never
         # neither), and the next listing shows both.

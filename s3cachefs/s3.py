@@ -476,6 +476,22 @@ class S3:
 
         return await self._run(f"GET {key}", fn)
 
+    async def get_bytes(self, key: str, start: int, size: int, if_match: str) -> bytes:
+        """GET bytes [start, start + size) of that version of `key` into memory (size is bounded by
+        the caller: one FUSE read). For reads that the cache disk has no room for."""
+
+        def fn() -> bytes:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse}
+            kwargs["Range"] = f"bytes={start}-{start + size - 1}"
+            kwargs["IfMatch"] = if_match
+            r = self.client.get_object(**kwargs)
+            data: bytes = r["Body"].read()
+            if len(data) != int(r["ContentLength"]):
+                raise IntegrityError(f"GET {key}: got {len(data)} bytes, S3 said {r['ContentLength']}")
+            return data
+
+        return await self._run(f"GET {key}", fn)
+
     def etag_is_md5_of(self, etag: str, md5_hex: str) -> bool | None:
         """True/False if the ETag is a plain MD5 we can compare with; None if it is not one (a
         multipart upload's ETag, or any object under SSE-C)."""

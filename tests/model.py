@@ -279,11 +279,15 @@ KNOWN_BUGS = {
     "reopen-leaks-cache-copy": "opening a cached, uploaded file for writing and closing it without "
     "writing (open 'ab' or 'r+b', no write) turns it back to REMOTE but leaves its data/ file behind, "
     "uncounted: data/ grows past the cap (cache.py Cache.finish_write, revert path)",
-    "ghost-dirs": "on SeaweedFS, directories whose objects were all deleted come back (empty) after a "
-    "wiped cache, if a directory is listed before the background listing has finished: "
-    "Namespace.ensure_listed trusts the CommonPrefixes of a delimited LIST, and SeaweedFS reports its "
-    "empty filer directories there (avoided by waiting for the full listing after a wiped remount)",
 }
+# Found by the model too, but timing-dependent, so the machine steers clear of them in every mode (a
+# failure that does not replay makes Hypothesis report a useless FlakyFailure); tests/test_model.py
+# reproduces each deterministically:
+# - ghost directories (test_directories_removed_through_the_mount_do_not_come_back): after a wiped
+#   cache, the machine waits for the background listing before its next call (see _remount).
+# - emptying through open(O_TRUNC) + close() is settled at FUSE RELEASE, after close() returned
+#   (test_emptying_a_file_is_durable_when_close_returns, test_a_write_open_during_the_release_of_an_
+#   emptied_file_works): check_key polls for the DELETE, which also lets the RELEASE finish.
 
 
 def _avoid_from_env() -> frozenset[str]:
@@ -1006,11 +1010,13 @@ class MountModel(RuleBasedStateMachine):
             self.mount.wipe_cache()
             self.model.wipe()
         self.mount.start()
-        if how == "wiped" and "ghost-dirs" in self.env.tuning.avoid:
+        if how == "wiped":
+            # Ghost directories (see KNOWN_BUGS' note): a directory listed before the background
+            # listing has finished may show SeaweedFS's leftover empty directories.
             mount = self.mount
             if not wait_until(lambda: "listed" in mount.log_text().split(" start: ")[-1], 30):
                 self.fail("the background listing did not finish within 30 s")
-            self.trace.append("(waited for the background listing: known bug ghost-dirs)")
+            self.trace.append("(waited for the background listing)")
         self.check_everything(f"after remount ({how})")
 
     @rule()

@@ -1199,18 +1199,7 @@ def fault_env(
 # visible as a 0-byte file until housekeeping settles it (within a minute), because the index
 # refuses the revert at the last close. About half the runs hit it. Acknowledged writes are never
 # affected: the other checks of this scenario still pass every time.
-KNOWN_FLAKY = {"cache_full": "a failed write's row may stay visible at 0 B until housekeeping (open bug)"}
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(k, marks=pytest.mark.xfail(strict=False, reason=KNOWN_FLAKY[k]))
-        if k in KNOWN_FLAKY
-        else k
-        for k in KINDS
-    ],
-)
+@pytest.mark.parametrize("kind", KINDS)
 def test_acknowledged_writes_survive_and_failed_writes_report_errors(
     kind: str, fault_env: _FixtureEnv
 ) -> None:

@@ -202,8 +202,9 @@ def test_read_after_the_cache_is_wiped_fetches_from_s3(make_mount: MakeMount) ->
 
 
 @pytest.mark.parametrize("prefix", ["", "foo", "media/"])
-def test_objects_already_in_the_bucket_are_listed_and_served(make_mount: MakeMount, s3: S3Client,
-                                                              bucket: str, prefix: str) -> None:
+def test_objects_already_in_the_bucket_are_listed_and_served(
+    make_mount: MakeMount, s3: S3Client, bucket: str, prefix: str
+) -> None:
     # Laid out the way synapse-s3-storage-provider writes them: plain objects, no metadata, no
     # markers, key = prefix + path concatenated as is ("foo" gives "foolocal_content/...").
     objects = {ORIGINAL: os.urandom(5000)} | {f"{THUMB_DIR}/{t}": os.urandom(700) for t in THUMBS}

@@ -3,6 +3,7 @@ files cost no S3 request. S3 calls are counted by the daemon (per operation, sav
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -147,8 +148,9 @@ def test_a_missing_name_can_be_created_at_once_despite_the_negative_cache(mounte
     assert not path.exists()
 
 
-def test_an_object_replaced_in_the_bucket_is_served_new_after_a_remount(make_mount: MakeMount, s3: S3Client,
-                                                                       bucket: str) -> None:
+def test_an_object_replaced_in_the_bucket_is_served_new_after_a_remount(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
     key = "remote_content/ex.org/ab/cd/x"
     s3.put_object(Bucket=bucket, Key=key, Body=b"old version")
     m = make_mount(bucket=bucket)
@@ -158,3 +160,70 @@ def test_an_object_replaced_in_the_bucket_is_served_new_after_a_remount(make_mou
     m.start()
     assert wait_until(lambda: listed(m), 15)
     assert (m.path / key).read_bytes() == b"the new, longer version"
+
+
+def test_a_file_deleted_while_open_and_unread_fails_its_read_rather_than_reading_empty(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    """Unlinked while open for reading, before any byte came in: its object is gone too, so the read
+    must fail; the size fstat() reports stays the file's (a size of 0 made the kernel answer b'')."""
+    s3.put_object(Bucket=bucket, Key="remote_content/srv/abc", Body=b"x" * 5000)
+    mounted = make_mount(bucket=bucket)
+    path = mounted.path / "remote_content/srv/abc"
+    with open(path, "rb", buffering=0) as f:
+        os.unlink(path)
+        assert os.fstat(f.fileno()).st_size == 5000
+        try:
+            got = f.read()
+        except OSError as e:
+            assert e.errno == errno.EIO
+        else:
+            assert got == b"x" * 5000, f"read {len(got)} bytes of a 5000-byte file"
+
+
+def test_a_new_file_never_gets_the_inode_number_of_a_file_just_deleted(mounted: Mount) -> None:
+    """The kernel keys what it caches (attributes, pages) by inode number: a number handed out again
+    in the same mount could show the deleted file's bytes or size for the new one."""
+    d = mounted.path / "local_content/ab/cd"
+    os.makedirs(d)
+    seen: set[int] = set()
+    for i in range(5):
+        p = d / "newest"
+        p.write_bytes(bytes([i]) * (100 + i))
+        ino = os.stat(p).st_ino
+        assert ino not in seen
+        seen.add(ino)
+        assert p.read_bytes() == bytes([i]) * (100 + i)
+        os.unlink(p)
+
+
+def test_a_large_object_deleted_behind_the_mount_mid_download_fails_the_read_without_a_traceback(
+    make_mount: MakeMount, s3: S3Client, s3server: S3Server, bucket: str
+) -> None:
+    """The parts still to come fail (404) together: one EIO for the reader, one warning line in the
+    log, and no traceback (an exception group used to be logged as an unexpected error)."""
+    key = "remote_content/srv/big"
+    data = os.urandom(8 * MiB)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    with TcpForwarder(s3server.s3_port, bytes_per_second=2 * MiB) as slow:
+        m = make_mount(
+            bucket=bucket,
+            extra_args=[
+                "--endpoint-url", f"http://127.0.0.1:{slow.port}",
+                "--read-part-size", "1M", "--read-concurrency", "2",
+            ],
+        )  # fmt: skip
+        assert wait_until(lambda: listed(m), 30)
+        with open(m.path / key, "rb") as f:
+            assert f.read(64 * 1024) == data[: 64 * 1024]
+            s3.delete_object(Bucket=bucket, Key=key)
+            try:
+                rest = f.read()
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+            else:
+                # Parts already requested may still come in whole; then the bytes must be right.
+                assert rest == data[64 * 1024 :]
+        m.unmount()
+    log = m.log_text()
+    assert "Traceback" not in log, log

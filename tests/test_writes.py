@@ -59,7 +59,9 @@ def test_a_write_that_goes_back_falls_back_to_a_whole_upload(make_mount: MakeMou
     assert wait_until(lambda: s3.list_multipart_uploads(Bucket=m.bucket).get("Uploads", []) == [], 30)
 
 
-def test_a_flush_in_the_middle_of_a_write_never_leaves_a_truncated_object(mounted: Mount, s3: S3Client) -> None:
+def test_a_flush_in_the_middle_of_a_write_never_leaves_a_truncated_object(
+    mounted: Mount, s3: S3Client
+) -> None:
     # Another fd of the same open file is closed while the writer goes on (a child process closing
     # an inherited fd, or dup + close): FUSE sends a FLUSH, which uploads what is there so far.
     # The writes that follow must make the real close() upload again, never report a stale success.
