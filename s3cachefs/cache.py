@@ -62,7 +62,7 @@ import cachetools
 import trio
 
 from .config import DEFAULT_RANK, PathPolicy, policy_for
-from .index import IN_CACHE, ROOT_INO, Index, Node, State
+from .index import IN_CACHE, ROOT_INO, Index, Node, State, checkpoint
 from .s3 import (
     S3,
     IntegrityError,
@@ -263,6 +263,7 @@ class Cache:
         self._reaped = trio.Event()
         self._trash_tag = secrets.token_hex(4)  # trash/ names of this run never meet a crash's leftovers
         self._trashed = 0
+        self._checkpoint_wanted = False  # the index commits without checkpoints until the reaper ran one
         self.cached_bytes = index.cached_bytes()
         self.stats: Counter[str] = Counter()
         self._stats_base: Counter[str] = Counter(json.loads(index.get_meta("stats") or "{}"))
@@ -877,6 +878,11 @@ class Cache:
         """
         if not victims:
             return
+        if self.reaper_running and not self._checkpoint_wanted:
+            # The reaper checkpoints the index in a worker thread; until then commits skip it.
+            self.index.suspend_checkpoints()
+            self._checkpoint_wanted = True
+            self._wake_reaper()
         with self.index.transaction():
             self.index.evict(victims)
         freed = sum(size for _, size, _ in victims)
@@ -884,27 +890,35 @@ class Cache:
         self.stats["evictions"] += len(victims)
         self.stats["evicted_bytes"] += freed
         inline = victims if not self.reaper_running else victims[:INLINE_UNLINKS]
-        self._reap([ino for ino, _, _ in inline], to_trash=False)
+        self._reap([ino for ino, _, _ in inline], to_trash=False)  # a failure to record it is harmless
         if len(inline) < len(victims):
             self.pending_bytes += sum(size for _, size, _ in victims[len(inline) :])
-            if self._reaped.is_set():
-                self._reaped = trio.Event()
-            self._reap_wanted.set()
+            self._wake_reaper()
 
-    def _reap(self, inos: list[int], to_trash: bool) -> list[str]:
+    def _wake_reaper(self) -> None:
+        if self._reaped.is_set():
+            self._reaped = trio.Event()
+        self._reap_wanted.set()
+
+    def _reap(self, inos: list[int], to_trash: bool) -> tuple[list[str], bool]:
         """Remove the data files of these `doomed` rows from data/: unlink them, or (to_trash) move
-        them to trash/ and return their new paths, for a worker thread to unlink.
+        them to trash/ and return their new paths, for a worker thread to unlink. The flag says
+        whether their `doomed` entries could be deleted (not on a full disk; then they are looked at
+        again later, and find their files gone).
 
         Runs on the event loop, between two awaits, so that nothing can put a new copy in place
         meanwhile: a file goes only if its row is still REMOTE (or gone) and no download or write
-        of it runs; otherwise the copy in data/ is, or is about to be, a new one (a download renames
-        its file over the old one), and it stays.
+        of it runs. A row in the cache again has a new copy in data/, which stays. A download or
+        write in progress may or may not put one there: its entry stays for a later look.
         """
         states = self.index.states(inos)
         moved: list[str] = []
+        done: list[int] = []
         for ino in inos:
-            state = states.get(ino)
-            if state in (*IN_CACHE, State.WRITING) or ino in self.writers or ino in self._downloads:
+            if ino in self.writers or ino in self._downloads:
+                continue
+            done.append(ino)
+            if states.get(ino) in (*IN_CACHE, State.WRITING):
                 continue
             if not to_trash:
                 self._unlink_data(ino)
@@ -917,11 +931,11 @@ class Cache:
                 continue
             moved.append(dst)
         try:
-            self.index.undoom(inos)
+            self.index.undoom(done)
         except sqlite3.Error as e:
-            # The files are gone all the same; the entries are looked at again later, harmlessly.
-            log.warning("could not record the removal of %d evicted cache files: %s", len(inos), e)
-        return moved
+            log.warning("could not record the removal of %d evicted cache files: %s", len(done), e)
+            return moved, False
+        return moved, True
 
     async def run_reaper(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background task (started by the composition root): removes the data files of evicted rows
@@ -930,6 +944,7 @@ class Cache:
         Per step: up to REAP_CHUNK files are moved to trash/ on the event loop (a rename frees no
         blocks, so it is cheap even where an unlink waits for a discard), then unlinked in a worker
         thread. Until then their bytes count as free for the free-space floor (pending_bytes).
+        Before that, the checkpoint of the index that the pass's commit skipped, in a worker thread.
         """
         self.reaper_running = True
         self._reap_wanted.set()  # `doomed` entries from before this mount
@@ -942,26 +957,40 @@ class Cache:
             while True:
                 await self._reap_wanted.wait()
                 self._reap_wanted = trio.Event()
+                if self._checkpoint_wanted:
+                    try:
+                        await trio.to_thread.run_sync(checkpoint, self.index.path, limiter=self.limiter)
+                    except sqlite3.Error as e:
+                        log.warning("checkpoint of the index failed (the next commit does it): %s", e)
+                    self._checkpoint_wanted = False
+                    self.index.resume_checkpoints()
+                after = 0  # one sweep up the inode numbers: an entry left for later is not retried at once
                 while True:
                     try:
-                        chunk = self.index.doomed(REAP_CHUNK)
+                        chunk = self.index.doomed(REAP_CHUNK, after)
                         if not chunk:
                             break
-                        paths = self._reap([ino for ino, _ in chunk], to_trash=True)
+                        after = chunk[-1][0]
+                        paths, recorded = self._reap([ino for ino, _ in chunk], to_trash=True)
                     except (OSError, sqlite3.Error) as e:
-                        # A full cache disk (the index cannot record the step): try again later.
                         log.error("could not remove evicted cache files: %s", e)
-                        await trio.sleep(REAP_RETRY)
-                        continue
+                        paths, recorded = [], False
                     if paths:
                         await trio.to_thread.run_sync(_unlink_all, paths, limiter=self.limiter)
-                    else:
-                        await trio.lowlevel.checkpoint()
+                    if not recorded:
+                        # A full cache disk (the index cannot record the step): again later.
+                        await trio.sleep(REAP_RETRY)
+                        continue
+                    await trio.lowlevel.checkpoint()
                     self.pending_bytes = max(0, self.pending_bytes - sum(size for _, size in chunk))
                 self.pending_bytes = 0
                 self._reaped.set()
         finally:
             self.reaper_running = False
+            if self._checkpoint_wanted:
+                self._checkpoint_wanted = False
+                with contextlib.suppress(sqlite3.Error):
+                    self.index.resume_checkpoints()
 
     async def wait_reaped(self) -> None:
         """Return once the data files of every row evicted so far are gone (needs the reaper)."""
@@ -1094,10 +1123,10 @@ class Cache:
         with contextlib.suppress(sqlite3.Error):
             # Files first: on a full disk the index may not be able to record it (then the entries
             # stay, and the reaper finds their files already gone).
-            doomed = self.index.doomed(-1)
+            doomed = [(ino, size) for ino, size in self.index.doomed(-1) if not self.busy(ino)]
             states = self.index.states([ino for ino, _ in doomed])
             for ino, size in doomed:
-                if states.get(ino) not in (*IN_CACHE, State.WRITING) and not self.busy(ino):
+                if states.get(ino) not in (*IN_CACHE, State.WRITING):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.data_path(ino))
                         freed += size

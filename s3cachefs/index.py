@@ -402,24 +402,31 @@ class Index:
             cur.close()
 
     def evict(self, victims: list[tuple[int, int, State]]) -> None:
-        """Set-based eviction of many rows: CACHED ones become REMOTE, LOCAL ones (no other copy) are
+        """Eviction of many rows at once: CACHED ones become REMOTE, LOCAL ones (no other copy) are
         removed, and all are entered in `doomed`, whose data files Cache removes afterwards. The caller
-        holds a transaction, so the rows and their `doomed` entries change together."""
-        remote = [ino for ino, _, state in victims if state != State.LOCAL]
-        local = [ino for ino, _, state in victims if state == State.LOCAL]
-        for chunk in _chunks(remote):
-            marks = ",".join("?" * len(chunk))
-            self.db.execute(f"UPDATE nodes SET state={int(State.REMOTE)} WHERE ino IN ({marks})", chunk)
-        for chunk in _chunks(local):
-            self.db.execute(f"DELETE FROM nodes WHERE ino IN ({','.join('?' * len(chunk))})", chunk)
+        holds a transaction, so the rows and their `doomed` entries change together.
+
+        One prepared statement per kind of change, stepped over the rows in inode order: the rows
+        are then visited in table order, so consecutive ones share pages. (Measured on 30k rows of a
+        1M-row index: 0.31 s, against 0.39-0.46 s for UPDATE ... WHERE ino IN (500 values) or
+        json_each(), and 0.9 s for the same UPDATEs in eviction order.)"""
+        ordered = sorted(victims)
+        self.db.executemany(
+            f"UPDATE nodes SET state={int(State.REMOTE)} WHERE ino=?",
+            [(ino,) for ino, _, state in ordered if state != State.LOCAL],
+        )
+        self.db.executemany(
+            "DELETE FROM nodes WHERE ino=?", [(ino,) for ino, _, state in ordered if state == State.LOCAL]
+        )
         self.db.executemany(
             "INSERT OR REPLACE INTO doomed(ino, size) VALUES (?, ?)",
-            [(ino, size) for ino, size, _ in victims],
+            [(ino, size) for ino, size, _ in ordered],
         )
 
-    def doomed(self, limit: int) -> list[tuple[int, int]]:
-        """(ino, size) of evicted rows whose data file may still be in data/."""
-        return [(r[0], r[1]) for r in self.db.execute("SELECT ino, size FROM doomed LIMIT ?", (limit,))]
+    def doomed(self, limit: int, after: int = 0) -> list[tuple[int, int]]:
+        """(ino, size) of evicted rows whose data file may still be in data/, by inode number."""
+        q = "SELECT ino, size FROM doomed WHERE ino > ? ORDER BY ino LIMIT ?"
+        return [(r[0], r[1]) for r in self.db.execute(q, (after, limit))]
 
     def doomed_bytes(self) -> int:
         return int(self.db.execute("SELECT COALESCE(SUM(size), 0) FROM doomed").fetchone()[0])
@@ -464,6 +471,16 @@ class Index:
     def mark_all_dirs_complete(self) -> None:
         self.db.execute("UPDATE nodes SET complete=1 WHERE state=?", (int(State.DIR),))
 
+    def suspend_checkpoints(self) -> None:
+        """No automatic checkpoint at commit until resume_checkpoints(). After a large transaction
+        that checkpoint copies every page it changed into the database file (~0.2 s for an eviction
+        pass of 30k rows), in whichever commit comes next; checkpoint(path) does it in a worker
+        thread instead."""
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def resume_checkpoints(self) -> None:
+        self.db.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One transaction for many small writes (an eviction pass: one commit, not one per file).
@@ -482,3 +499,13 @@ class Index:
 
     def commit(self) -> None:
         self.db.execute("COMMIT")
+
+
+def checkpoint(path: Path) -> None:
+    """Worker thread: copy the WAL's pages into the database file, on a connection of its own.
+    PASSIVE: it waits for no lock, so the daemon's connection reads and writes on meanwhile."""
+    db = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        db.close()
