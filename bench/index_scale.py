@@ -973,7 +973,7 @@ def main() -> int:
             set_policy_meta(syn.index_path, "stale (set by bench/index_scale.py)")
             part = rng.sample(syn.sample, min(len(syn.sample), 1000))
             recompute = mount_run(server, bucket, syn, mnt, log_path, mount_args(syn, max_age), part, 1800)
-            m = re.search(r"applied cache policies in [\d.]+ ?s \(\d+ files changed class\)", recompute.log)
+            m = re.search(r"applied cache policies in [\d.]+ ?s \(\d+ class values changed\)", recompute.log)
             recompute_line = m.group(0) if m else "(no 'applied cache policies' line in the log!)"
             _say(
                 f"mount with a changed policy: mounted {recompute.mounted_s:.2f} s, ready {recompute.ready_s:.2f} s; "

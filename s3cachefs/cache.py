@@ -300,13 +300,13 @@ class Cache:
                 n = self._apply_policies()
                 self.index.set_meta("policy", fingerprint)
             log.info(
-                "applied cache policies in %.1fs (%d files changed class)", time.monotonic() - started, n
+                "applied cache policies in %.1fs (%d class values changed)", time.monotonic() - started, n
             )
         self.pending_bytes = self.index.doomed_bytes()
         self.settle_orphans()
 
     def _apply_policies(self) -> int:
-        """Give every file the class its path's policy says. Returns how many rows changed.
+        """Give every file the class its path's policy says. Returns how many values changed.
 
         Set-based: a policy applies to whole subtrees, so the paths of only a few directories are
         needed. A directory is "uniform" when no policy prefix reaches below it (every file under it

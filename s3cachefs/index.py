@@ -300,34 +300,34 @@ class Index:
         yield from self.db.execute(q, (int(State.DIR),))
 
     def set_class_by_parent(self, klass_of: Callable[[int], tuple[int, int | None] | None]) -> int:
-        """Set (rank, max_age) of every file to klass_of(its parent directory), in one statement (a
-        scan of the table); files for which it gives None are left alone, as are rows that already
-        have their class. Returns how many rows changed."""
+        """Set (rank, max_age) of every file to klass_of(its parent directory), in two statements (a
+        scan of the table each); files for which it gives None are left alone, and only values that
+        change are written. Returns how many values changed (a row can count twice).
 
-        def differs(parent: int, rank: int, max_age: int | None) -> bool:
+        Two statements rather than one: SQLite rewrites the index entries of every column a row's
+        UPDATE sets, changed or not, so a new age limit alone would move every cached row in the
+        eviction index too (3.4 s instead of 5.6 s for 1M rows)."""
+
+        def rank_of(parent: int, rank: int) -> int:
             k = klass_of(parent)
-            return k is not None and (k[0] != rank or k[1] != max_age)
+            return rank if k is None else k[0]
 
-        def rank_of(parent: int) -> int | None:
+        def max_age_of(parent: int, max_age: int | None) -> int | None:
             k = klass_of(parent)
-            return None if k is None else k[0]
+            return max_age if k is None else k[1]
 
-        def max_age_of(parent: int) -> int | None:
-            k = klass_of(parent)
-            return None if k is None else k[1]
-
-        self.db.create_function("s3c_differs", 3, differs, deterministic=True)
-        self.db.create_function("s3c_rank", 1, rank_of, deterministic=True)
-        self.db.create_function("s3c_max_age", 1, max_age_of, deterministic=True)
+        self.db.create_function("s3c_rank", 2, rank_of, deterministic=True)
+        self.db.create_function("s3c_max_age", 2, max_age_of, deterministic=True)
         before = self.db.total_changes
         try:
-            self.db.execute(
-                "UPDATE nodes SET rank = s3c_rank(parent), max_age = s3c_max_age(parent)"
-                " WHERE state != 0 AND s3c_differs(parent, rank, max_age)"
-            )
+            for col in ("rank", "max_age"):
+                self.db.execute(
+                    f"UPDATE nodes SET {col} = s3c_{col}(parent, {col})"
+                    f" WHERE state != 0 AND {col} IS NOT s3c_{col}(parent, {col})"
+                )
         finally:
-            for name, nargs in (("s3c_differs", 3), ("s3c_rank", 1), ("s3c_max_age", 1)):
-                self.db.create_function(name, nargs, None)
+            self.db.create_function("s3c_rank", 2, None)
+            self.db.create_function("s3c_max_age", 2, None)
         return self.db.total_changes - before
 
     def touch_many(self, atimes: dict[int, int]) -> None:
