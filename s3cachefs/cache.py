@@ -212,7 +212,7 @@ EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 # discard); the files of a larger pass are left to the reaper (Cache.run_reaper).
 INLINE_UNLINKS = 32
 # Files the reaper takes per step, and how long it waits after a step failed (a full cache disk).
-REAP_CHUNK = 512
+REAP_CHUNK = 256
 REAP_RETRY = 10.0
 
 # Flush access times to the index when this many are pending (and at every eviction pass and every
