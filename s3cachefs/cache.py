@@ -4,6 +4,7 @@ Layout of the cache directory:
     index.sqlite        the index (index.py)
     data/XX/<ino>       complete copies of objects (XX = ino % 256, to keep directories small)
     tmp/                downloads and write staging files in progress; emptied at every mount
+    trash/              data files of evicted rows on their way out (Cache.run_reaper); emptied at mount
     lock                flock()ed by the running instance
 
 Cache state machine of a file row (index.State), and who moves it:
@@ -28,6 +29,12 @@ What survives a crash (kill -9, power loss):
 - WRITING rows found at mount belong to writes whose close() never returned success: the row reverts
   to the S3 version it had (REMOTE) or is removed if there was none. The staging files in tmp/ are
   deleted. Nothing was ever PUT for them, so S3 holds no partial object.
+- Eviction commits the rows (REMOTE, or removed if local-only) together with their entries in the
+  index's `doomed` table, and only then removes the data files (Cache._evict). A file left in data/
+  by a crash in between belongs to a REMOTE row, which is never read from data/ (a later download
+  renames its file over it); the reaper removes it at the next mount. trash/ holds only files no
+  row refers to, and is emptied at mount. Until the reaper has unlinked them, evicted bytes are
+  still on the disk (pending_bytes) though no longer counted as cached.
 
 Invariants the tests check: an acknowledged write is in S3 before close() returns; cached bytes equal
 the S3 object; cached bytes stay under the cap except for files that are open; eviction never touches an
@@ -36,6 +43,7 @@ open or written file.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import json
@@ -54,7 +62,7 @@ import cachetools
 import trio
 
 from .config import DEFAULT_RANK, PathPolicy, policy_for
-from .index import IN_CACHE, Index, Node, State
+from .index import IN_CACHE, ROOT_INO, Index, Node, State, checkpoint
 from .s3 import (
     S3,
     IntegrityError,
@@ -204,8 +212,17 @@ class Klass:
 
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 
+# Bytes of the cache disk kept free for the index (the file `reserve`): when the disk is full, the
+# index can still record what S3 already holds.
+RESERVE = 1024 * 1024
 # A download that finds the cache disk full makes room and starts over, this many times at most.
 DISK_FULL_ATTEMPTS = 6
+# An eviction pass unlinks this many data files itself (a few ms even where each unlink waits for a
+# discard); the files of a larger pass are left to the reaper (Cache.run_reaper).
+INLINE_UNLINKS = 32
+# Files the reaper takes per step, and how long it waits after a step failed (a full cache disk).
+REAP_CHUNK = 256
+REAP_RETRY = 10.0
 
 # Flush access times to the index when this many are pending (and at every eviction pass and every
 # housekeeping tick): one transaction for many reads instead of one disk write per open.
@@ -226,6 +243,7 @@ class Cache:
         self.root = root
         self.data_dir = root / "data"
         self.tmp_dir = root / "tmp"
+        self.trash_dir = root / "trash"
         self.index = index
         self.s3 = s3
         self.prefix = prefix
@@ -246,6 +264,17 @@ class Cache:
         self.listing_gen = 0  # set by Namespace: rows we commit count as seen by the current listing
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.reserve_path = root / "reserve"
+        self.keep_reserve()
+        self.trash_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Evicted data files: without a reaper (in-process use) a pass unlinks them all itself.
+        self.reaper_running = False
+        self.pending_bytes = 0  # bytes of evicted files the reaper has yet to unlink
+        self._reap_wanted = trio.Event()
+        self._reaped = trio.Event()
+        self._trash_tag = secrets.token_hex(4)  # trash/ names of this run never meet a crash's leftovers
+        self._trashed = 0
+        self._checkpoint_wanted = False  # the index commits without checkpoints until the reaper ran one
         self.cached_bytes = index.cached_bytes()
         self.stats: Counter[str] = Counter()
         self._stats_base: Counter[str] = Counter(json.loads(index.get_meta("stats") or "{}"))
@@ -270,22 +299,92 @@ class Cache:
         """Undo what a crash left: staging and download files, and rows of writes never acknowledged.
 
         Also re-applies the path policies to every row if they changed since the last mount (a one-off
-        walk of the index; otherwise start-up does no work proportional to the number of files).
+        pass over the index; otherwise start-up does no work proportional to the number of files).
+        Data files of evicted rows that a crash left behind are removed by the reaper (run_reaper).
         """
         for p in self.tmp_dir.iterdir():
             p.unlink(missing_ok=True)
         fingerprint = self._policy_fingerprint()
         if self.index.get_meta("policy") != fingerprint:
             started = time.monotonic()
-            self.index.begin()
-            n = 0
-            for ino, rel in self.index.walk_files():
-                self.index.set_class(ino, self.klass(rel).columns)
-                n += 1
-            self.index.set_meta("policy", fingerprint)
-            self.index.commit()
-            log.info("applied cache policies to %d files in %.1fs", n, time.monotonic() - started)
+            with self.index.transaction():
+                n = self._apply_policies()
+                self.index.set_meta("policy", fingerprint)
+            log.info(
+                "applied cache policies in %.1fs (%d class values changed)", time.monotonic() - started, n
+            )
+        self.pending_bytes = self.index.doomed_bytes()
         self.settle_orphans()
+
+    def _apply_policies(self) -> int:
+        """Give every file the class its path's policy says. Returns how many values changed.
+
+        Set-based: a policy applies to whole subtrees, so the paths of only a few directories are
+        needed. A directory is "uniform" when no policy prefix reaches below it (every file under it
+        then has the directory's own class); the walk from the root stops at each uniform directory.
+        The directories below those inherit their class through their parent links (loaded in one
+        query), and one UPDATE over the table gives every file the class of its parent directory.
+        Files in the few directories that are not uniform are classed one by one from their paths.
+        """
+        prefixes = [p.prefix for p in self.limits.policies]
+
+        def uniform(base: str) -> bool:
+            return not any(len(p) > len(base) and p.startswith(base) for p in prefixes)
+
+        classes: list[tuple[int, int | None]] = []
+        numbers: dict[tuple[int, int | None], int] = {}
+
+        def number(k: tuple[int, int | None]) -> int:
+            if k not in numbers:
+                numbers[k] = len(classes)
+                classes.append(k)
+            return numbers[k]
+
+        # Per directory inode: the number of its class if uniform, else one of these.
+        unknown, by_path = -1, -2
+        top = self.index.max_ino()
+        code = array.array("i", [unknown]) * (top + 1)
+        code[0] = by_path  # the root's parent, and that of any orphan: never inherited from
+        changed = 0
+        if uniform(""):
+            code[ROOT_INO] = number(self.klass("").columns)
+        else:
+            code[ROOT_INO] = by_path
+            todo = [(ROOT_INO, "")]
+            while todo:
+                parent, base = todo.pop()
+                for ino, name, state, rank, max_age in self.index.entries(parent):
+                    rel = base + name.decode("utf-8", "surrogateescape")
+                    if state != State.DIR:
+                        k = self.klass(rel).columns
+                        if k != (rank, max_age):
+                            self.index.set_class(ino, k)
+                            changed += 1
+                    elif uniform(rel + "/"):
+                        code[ino] = number(self.klass(rel + "/").columns)
+                    else:
+                        code[ino] = by_path
+                        todo.append((ino, rel + "/"))
+        parents = array.array("q", bytes(8 * (top + 1)))
+        for ino, par in self.index.dir_parents():
+            parents[ino] = par
+        for ino, par in self.index.dir_parents():
+            if code[ino] != unknown:
+                continue
+            chain = [ino]
+            while code[par] == unknown:
+                chain.append(par)
+                par = parents[par]
+            c = code[par]
+            for d in chain:
+                code[d] = c
+        del parents
+
+        def klass_of(dir_ino: int) -> tuple[int, int | None] | None:
+            c = code[dir_ino] if 0 <= dir_ino <= top else by_path
+            return classes[c] if c >= 0 else None
+
+        return changed + self.index.set_class_by_parent(klass_of)
 
     # -- paths --------------------------------------------------------------------------------------
 
@@ -555,15 +654,25 @@ class Cache:
             raise
         prev = (node.size, node.etag) if node.state in (State.REMOTE, State.CACHED) and node.etag else None
         was_cached = node.state == State.CACHED
+        try:
+            self.index.set_state(node.ino, State.WRITING)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
         if node.state in IN_CACHE:
             self.cached_bytes -= node.size
-        self.index.set_state(node.ino, State.WRITING)
         # A local-only file has no other copy to go back to: its close always commits it again.
         dirty = truncate or prev is None
         w = self.writers[node.ino] = Writer(
             node.ino, path, fd, prev, dirty=dirty, seq_end=os.fstat(fd).st_size, was_cached=was_cached
         )
         return w
+
+    def drop_new_row(self, ino: int) -> None:
+        """Remove the row of a file created a moment ago whose write could not even begin."""
+        if ino not in self.writers:
+            self.index_write(lambda: self.index.remove(ino))
 
     def mark_dirty(self, w: Writer) -> None:
         w.generation += 1
@@ -718,27 +827,54 @@ class Cache:
         return ObjectInfo(pl.mpu.key, size, etag, 0, md5[0])
 
     def _record(self, ino: int, state: State, size: int, etag: str | None, md5: str | None) -> None:
-        """Record what S3 now holds, after a PUT or DELETE (see _index_write)."""
+        """Record what S3 now holds, after a PUT or DELETE (see index_write)."""
 
         def record() -> None:
             self.index.set_object(ino, state, size, etag, time.time_ns(), self.listing_gen)
             self.index.set_md5(ino, md5)
 
-        self._index_write(record)
+        self.index_write(record)
 
-    def _index_write(self, change: Callable[[], None]) -> None:
+    def index_write(self, change: Callable[[], None]) -> None:
         """Make an index change that must not be lost, in one transaction. The index is probed before
         S3 is changed, but a full cache disk can still refuse the few pages a change needs: then
-        cached copies are evicted and it is tried once more, since an index that disagrees with S3
-        fails a write S3 in fact holds, or shows a file that never was."""
-        for attempt in (1, 2):
+        cached copies are evicted, or the reserve is given up, and it is tried again, since an index
+        that disagrees with S3 fails a write S3 in fact holds, or shows a file that never was."""
+        while True:
             try:
                 with self.index.transaction(atomic=True):
                     change()
                 return
             except sqlite3.OperationalError:
-                if attempt == 2 or not self.relieve_disk():
+                if not self._make_index_room():
                     raise
+
+    def keep_reserve(self) -> None:
+        """Hold RESERVE bytes of the cache disk for the index alone (see _make_index_room); made
+        again by housekeeping once there is room."""
+        if self.reserve_path.exists():
+            return
+        try:
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE)
+        except OSError:
+            os.close(fd)
+            _unlink_quiet(str(self.reserve_path))
+            return
+        os.close(fd)
+
+    def _make_index_room(self) -> bool:
+        """The index could not grow (a full cache disk): free space for it. False if nothing is left."""
+        if self.relieve_disk():
+            return True
+        if self.reserve_path.exists():
+            log.warning("cache filesystem full: giving the index its reserved %d bytes", RESERVE)
+            _unlink_quiet(str(self.reserve_path))
+            return True
+        return False
 
     def _committed(self, w: Writer, generation: int, size: int) -> None:
         """The bytes of `generation` are committed. If the file was written meanwhile, what was
@@ -804,7 +940,7 @@ class Cache:
         # The upload failed (close() returned an error), or nothing was written: S3 still holds the
         # previous version (or nothing), so the index goes back to saying exactly that.
         if w.prev is None:
-            self._index_write(lambda: self.index.remove(w.ino))
+            self.index_write(lambda: self.index.remove(w.ino))
             return True
         size, etag = w.prev
         node = self.index.get(w.ino)
@@ -813,7 +949,7 @@ class Cache:
         if w.was_cached and not w.committed and _has_size(self.data_path(w.ino), size):
             # Never uploaded: the cached copy the write started from is still the object in S3.
             state = State.CACHED
-        self._index_write(lambda: self.index.set_object(w.ino, state, size, etag, mtime, self.listing_gen))
+        self.index_write(lambda: self.index.set_object(w.ino, state, size, etag, mtime, self.listing_gen))
         if state == State.CACHED:
             self.cached_bytes += size
         return False
@@ -846,15 +982,138 @@ class Cache:
     def busy(self, ino: int) -> bool:
         return self.pins[ino] > 0 or ino in self.writers or ino in self._downloads
 
-    def _evict(self, ino: int, size: int, state: State) -> None:
-        self._unlink_data(ino)
-        if state == State.LOCAL:
-            self.index.remove(ino)  # no other copy: evicting a local-only file deletes it
-        else:
-            self.index.set_state(ino, State.REMOTE)
-        self.cached_bytes -= size
-        self.stats["evictions"] += 1
-        self.stats["evicted_bytes"] += size
+    def _evict(self, victims: list[tuple[int, int, State]]) -> None:
+        """Take these (ino, size, state) rows out of the cache: the rows first, the data files after.
+
+        One transaction turns the rows REMOTE (local-only rows, which have no other copy, are removed)
+        and enters them in the index's `doomed` table; the bytes leave the accounting at once. Then
+        the data files go: the first INLINE_UNLINKS here and now, the rest by the reaper (run_reaper),
+        so a large pass does not hold up every other request while the filesystem frees the blocks.
+        A crash in between leaves data files whose rows say REMOTE: garbage, never served (only
+        CACHED or LOCAL rows are read from data/), replaced by the next download of the file, and
+        removed at the next mount, since their `doomed` entries were committed with the rows.
+        """
+        if not victims:
+            return
+        if self.reaper_running and not self._checkpoint_wanted:
+            # The reaper checkpoints the index in a worker thread; until then commits skip it.
+            self.index.suspend_checkpoints()
+            self._checkpoint_wanted = True
+            self._wake_reaper()
+        with self.index.transaction():
+            self.index.evict(victims)
+        freed = sum(size for _, size, _ in victims)
+        self.cached_bytes -= freed
+        self.stats["evictions"] += len(victims)
+        self.stats["evicted_bytes"] += freed
+        inline = victims if not self.reaper_running else victims[:INLINE_UNLINKS]
+        self._reap([ino for ino, _, _ in inline], to_trash=False)  # a failure to record it is harmless
+        if len(inline) < len(victims):
+            self.pending_bytes += sum(size for _, size, _ in victims[len(inline) :])
+            self._wake_reaper()
+
+    def _wake_reaper(self) -> None:
+        if self._reaped.is_set():
+            self._reaped = trio.Event()
+        self._reap_wanted.set()
+
+    def _reap(self, inos: list[int], to_trash: bool) -> tuple[list[str], bool]:
+        """Remove the data files of these `doomed` rows from data/: unlink them, or (to_trash) move
+        them to trash/ and return their new paths, for a worker thread to unlink. The flag says
+        whether their `doomed` entries could be deleted (not on a full disk; then they are looked at
+        again later, and find their files gone).
+
+        Runs on the event loop, between two awaits, so that nothing can put a new copy in place
+        meanwhile: a file goes only if its row is still REMOTE (or gone) and no download or write
+        of it runs. A row in the cache again has a new copy in data/, which stays. A download or
+        write in progress may or may not put one there: its entry stays for a later look.
+        """
+        states = self.index.states(inos)
+        moved: list[str] = []
+        done: list[int] = []
+        for ino in inos:
+            if ino in self.writers or ino in self._downloads:
+                continue
+            done.append(ino)
+            if states.get(ino) in (*IN_CACHE, State.WRITING):
+                continue
+            if not to_trash:
+                self._unlink_data(ino)
+                continue
+            self._trashed += 1
+            dst = f"{self.trash_dir}/{self._trash_tag}-{self._trashed}"
+            try:
+                os.rename(self.data_path(ino), dst)
+            except FileNotFoundError:
+                continue
+            moved.append(dst)
+        try:
+            self.index.undoom(done)
+        except sqlite3.Error as e:
+            log.warning("could not record the removal of %d evicted cache files: %s", len(done), e)
+            return moved, False
+        return moved, True
+
+    async def run_reaper(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background task (started by the composition root): removes the data files of evicted rows
+        that an eviction pass left to it, and at start what a crash left in trash/ and `doomed`.
+
+        Per step: up to REAP_CHUNK files are moved to trash/ on the event loop (a rename frees no
+        blocks, so it is cheap even where an unlink waits for a discard), then unlinked in a worker
+        thread. Until then their bytes count as free for the free-space floor (pending_bytes).
+        Before that, the checkpoint of the index that the pass's commit skipped, in a worker thread.
+        """
+        self.reaper_running = True
+        self._reap_wanted.set()  # `doomed` entries from before this mount
+        task_status.started()
+        try:
+            leftovers = await trio.to_thread.run_sync(_list_dir, str(self.trash_dir), limiter=self.limiter)
+            if leftovers:
+                log.info("removing %d cache files left in trash/ by the previous run", len(leftovers))
+                await trio.to_thread.run_sync(_unlink_all, leftovers, limiter=self.limiter)
+            while True:
+                await self._reap_wanted.wait()
+                self._reap_wanted = trio.Event()
+                if self._checkpoint_wanted:
+                    try:
+                        await trio.to_thread.run_sync(checkpoint, self.index.path, limiter=self.limiter)
+                    except sqlite3.Error as e:
+                        log.warning("checkpoint of the index failed (the next commit does it): %s", e)
+                    self._checkpoint_wanted = False
+                    self.index.resume_checkpoints()
+                after = 0  # one sweep up the inode numbers: an entry left for later is not retried at once
+                while True:
+                    try:
+                        chunk = self.index.doomed(REAP_CHUNK, after)
+                        if not chunk:
+                            break
+                        after = chunk[-1][0]
+                        paths, recorded = self._reap([ino for ino, _ in chunk], to_trash=True)
+                    except (OSError, sqlite3.Error) as e:
+                        log.error("could not remove evicted cache files: %s", e)
+                        paths, recorded = [], False
+                    if paths:
+                        await trio.to_thread.run_sync(_unlink_all, paths, limiter=self.limiter)
+                    if not recorded:
+                        # A full cache disk (the index cannot record the step): again later.
+                        await trio.sleep(REAP_RETRY)
+                        continue
+                    await trio.lowlevel.checkpoint()
+                    self.pending_bytes = max(0, self.pending_bytes - sum(size for _, size in chunk))
+                self.pending_bytes = 0
+                self._reaped.set()
+        finally:
+            self.reaper_running = False
+            if self._checkpoint_wanted:
+                self._checkpoint_wanted = False
+                with contextlib.suppress(sqlite3.Error):
+                    self.index.resume_checkpoints()
+
+    async def wait_reaped(self) -> None:
+        """Return once the data files of every row evicted so far are gone (needs the reaper)."""
+        while not self._reaped.is_set() or self._reap_wanted.is_set():
+            await self._reaped.wait()
+            await trio.lowlevel.checkpoint()
 
     def _fs_bytes(self) -> tuple[int, int]:
         """(free, total) bytes of the filesystem holding the cache."""
@@ -870,8 +1129,9 @@ class Cache:
             free, total = self._fs_bytes()
             want = int(min_free * total) if min_free < 1 else int(min_free)
             # Only bytes not yet on the cache filesystem count as incoming (downloads and staging
-            # files are already there); be generous rather than run again on the next fill.
-            short = want - free
+            # files are already there); be generous rather than run again on the next fill. Files
+            # the reaper is about to unlink count as free: they were evicted already.
+            short = want - free - self.pending_bytes
             if short > 0:
                 short += int(want * (1 - LOW_WATERMARK))
         if over_cap <= 0 and short <= 0:
@@ -889,64 +1149,60 @@ class Cache:
         if need <= 0:
             return
         self.flush_atimes()
-        with self.index.transaction():
-            self._evict_batch(need, floor_short)
+        self._evict_batch(need, floor_short)
 
     def _evict_batch(self, need: int, floor_short: bool) -> None:
-        freed = skipped = 0
-        while freed < need:
-            batch = self.index.eviction_order(limit=256, offset=skipped)
-            if not batch:
-                now = time.monotonic()
-                if now - self._last_warning > 60:
-                    self._last_warning = now
-                    log.warning(
-                        "cache cannot free %d more bytes: only open or written files are left "
-                        "(%d bytes cached, cap %d)",
-                        need - freed,
-                        self.cached_bytes,
-                        self.limits.cap,
-                    )
-                return
-            for ino, size, state in batch:
+        victims: list[tuple[int, int, State]] = []
+        freed = 0
+        # One cursor down the eviction order; the rows change only once it is closed.
+        with contextlib.closing(self.index.eviction_candidates()) as candidates:
+            for ino, size, state in candidates:
                 # Local-only files have no other copy: only the age limit or a full disk (the
                 # free-space floor) may take them, never the cap alone. Empty files free nothing.
                 spare = state == State.LOCAL and (not floor_short or size == 0)
-                if self.busy(ino) or spare:
-                    skipped += 1
+                if spare or self.busy(ino):
                     continue
-                self._evict(ino, size, state)
+                victims.append((ino, size, state))
                 freed += size
                 if freed >= need:
-                    return
+                    break
+        self._evict(victims)
+        if freed < need:
+            now = time.monotonic()
+            if now - self._last_warning > 60:
+                self._last_warning = now
+                log.warning(
+                    "cache cannot free %d more bytes: only open or written files are left "
+                    "(%d bytes cached, cap %d)",
+                    need - freed,
+                    self.cached_bytes,
+                    self.limits.cap,
+                )
 
     def evict_aged(self) -> int:
         """Drop cached copies not used within their max age. Returns how many went."""
         self.flush_atimes()
-        with self.index.transaction():
-            return self._evict_expired()
+        return self._evict_expired()
 
     def _evict_expired(self) -> int:
-        n = 0
         now = int(self.clock())
-        while True:
-            batch = [e for e in self.index.expired(now, limit=1000) if not self.busy(e[0]) and e[1] > 0]
-            for ino, size, state in batch:
-                self._evict(ino, size, state)
-            n += len(batch)
-            if len(batch) < 1000:
-                return n
+        with contextlib.closing(self.index.expired(now)) as expired:
+            victims = [e for e in expired if e[1] > 0 and not self.busy(e[0])]
+        self._evict(victims)
+        return len(victims)
 
     def relieve_disk(self, need: int = 0) -> int:
         """The cache filesystem is full (ENOSPC from a write, or the index cannot grow): evict
         S3-backed copies, whatever the cap says, until `need` bytes plus 5% of the filesystem (at
         least 1 MiB) are free again. Returns the bytes freed. Data files go before their rows, so
         the space is there even if the index cannot record it yet (such a row is demoted on its
-        next open)."""
+        next open). Synchronous: the space is needed now, and this is rare. Files that the reaper
+        has yet to unlink go first."""
+        freed = self._reap_all_now()
         free, total = self._fs_bytes()
         want = max(1024 * 1024, total // 20) + need
-        freed = skipped = 0
-        while free + freed < want:
+        skipped = 0
+        while free < want:
             batch = self.index.eviction_order(limit=256, offset=skipped)
             if not batch:
                 break
@@ -956,6 +1212,7 @@ class Cache:
                     continue
                 self._unlink_data(ino)
                 freed += size
+                free += size
                 try:
                     self.index.set_state(ino, State.REMOTE)
                     self.cached_bytes -= size
@@ -964,10 +1221,34 @@ class Cache:
                     # gone and demotes it (and only then is it uncounted, once).
                     skipped += 1
                 self.stats["evictions"] += 1
-                if free + freed >= want:
+                if free >= want:
                     break
         if freed:
             log.warning("cache filesystem full: evicted %d bytes of cached copies to make room", freed)
+        return freed
+
+    def _reap_all_now(self) -> int:
+        """Unlink, here and now, every file the reaper has yet to: those in trash/, and those of
+        `doomed` rows. Returns their bytes (as the index counts them)."""
+        freed = 0
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.trash_dir):
+                path = f"{self.trash_dir}/{name}"
+                with contextlib.suppress(OSError):
+                    freed += os.stat(path).st_size
+                    os.unlink(path)
+        with contextlib.suppress(sqlite3.Error):
+            # Files first: on a full disk the index may not be able to record it (then the entries
+            # stay, and the reaper finds their files already gone).
+            doomed = [(ino, size) for ino, size in self.index.doomed(-1) if not self.busy(ino)]
+            states = self.index.states([ino for ino, _ in doomed])
+            for ino, size in doomed:
+                if states.get(ino) not in (*IN_CACHE, State.WRITING):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.data_path(ino))
+                        freed += size
+            self.pending_bytes = 0
+            self.index.undoom([ino for ino, _ in doomed])
         return freed
 
     def index_writable(self) -> None:
@@ -979,6 +1260,11 @@ class Cache:
             if not self.relieve_disk():
                 raise
             self.index.probe_writable()
+        # The reserve is for recording what was already done, not for starting more.
+        if not self.reserve_path.exists():
+            self.keep_reserve()
+            if not self.reserve_path.exists():
+                raise sqlite3.OperationalError("database or disk is full (no room for the index's reserve)")
 
     def settle_orphans(self) -> None:
         """WRITING rows with no writer (a crash, or an index update that failed on a full disk) go
@@ -1001,6 +1287,7 @@ class Cache:
         self.make_room(0)
         self.flush_atimes()
         self.persist_stats()
+        self.keep_reserve()
 
     # -- access times and counters ------------------------------------------------------------------
 
@@ -1028,6 +1315,7 @@ class Cache:
             "cap": self.limits.cap,
             "min_free": self.limits.min_free,
             "in_cache_bytes": self.cached_bytes,
+            "pending_delete_bytes": self.pending_bytes,
             **self.index.cache_summary(),
             **{f"stat_{k}": v for k, v in self.counters().items()},
         }
@@ -1061,6 +1349,16 @@ def _has_size(path: str, size: int) -> bool:
         return os.stat(path).st_size == size
     except FileNotFoundError:
         return False
+
+
+def _list_dir(path: str) -> list[str]:
+    return [f"{path}/{name}" for name in os.listdir(path)]
+
+
+def _unlink_all(paths: list[str]) -> None:
+    """Worker thread: unlink files nobody else refers to (in trash/)."""
+    for path in paths:
+        _unlink_quiet(path)
 
 
 def _unlink_quiet(path: str) -> None:

@@ -341,6 +341,7 @@ class Operations(pyfuse3.Operations):
                 raise OSError(errno.EEXIST, "create")
             if node.is_dir:
                 raise OSError(errno.EISDIR, "create")
+            writer = await self.cache.start_write(node, truncate=True)
         else:
             check_new_name(name)
             self.ns.dir_node(parent_inode)
@@ -358,8 +359,14 @@ class Operations(pyfuse3.Operations):
                 self.cache.klass(rel).columns,
             )
             self.ns.negative.pop(rel, None)
+            try:
+                writer = await self.cache.start_write(node, truncate=True)
+            except BaseException:
+                # No staging file (e.g. a full cache disk): the new name must not stay behind.
+                self.cache.drop_new_row(node.ino)
+                raise
         h = _Handle(node.ino)
-        h.writer = await self.cache.start_write(node, truncate=True)
+        h.writer = writer
         h.writer.handles += 1
         fh = self._new_handle(h)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attr(node)

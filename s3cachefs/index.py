@@ -20,7 +20,7 @@ import errno
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -84,6 +84,10 @@ CREATE INDEX IF NOT EXISTS nodes_state ON nodes(state);
 -- Both are walked from their start, so an eviction pass never scans the whole table.
 CREATE INDEX IF NOT EXISTS nodes_evict ON nodes(rank, atime) WHERE state IN (2, 4);
 CREATE INDEX IF NOT EXISTS nodes_expiry ON nodes(atime + max_age) WHERE state IN (2, 4) AND max_age IS NOT NULL;
+-- Rows that left the cache (evicted) whose data file may still be in data/: written in the same
+-- transaction as the row change, deleted once the file is out of data/ (Cache.run_reaper). What a crash
+-- leaves here is finished at the next mount.
+CREATE TABLE IF NOT EXISTS doomed(ino INTEGER PRIMARY KEY, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tombstones(relpath BLOB PRIMARY KEY);
 """
@@ -94,6 +98,12 @@ _ADDED_COLUMNS = (("rank", "INTEGER NOT NULL DEFAULT 1"), ("max_age", "INTEGER")
 
 def _node(row: tuple[int, int, bytes, int, int, str | None, int, int, int]) -> Node:
     return Node(row[0], row[1], bytes(row[2]), State(row[3]), row[4], row[5], row[6], row[7], bool(row[8]))
+
+
+def _chunks(values: list[int], n: int = 500) -> Iterator[list[int]]:
+    """Slices short enough for one `IN (?, ...)` each."""
+    for i in range(0, len(values), n):
+        yield values[i : i + n]
 
 
 def check_new_name(name: bytes) -> None:
@@ -286,6 +296,50 @@ class Index:
     def set_class(self, ino: int, klass: tuple[int, int | None]) -> None:
         self.db.execute("UPDATE nodes SET rank=?, max_age=? WHERE ino=?", (klass[0], klass[1], ino))
 
+    def entries(self, parent: int) -> list[tuple[int, bytes, State, int, int | None]]:
+        """(ino, name, state, rank, max_age) of the entries of one directory."""
+        q = "SELECT ino, name, state, rank, max_age FROM nodes WHERE parent=?"
+        return [(r[0], bytes(r[1]), State(r[2]), r[3], r[4]) for r in self.db.execute(q, (parent,))]
+
+    def max_ino(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(ino), 0) FROM nodes").fetchone()[0])
+
+    def dir_parents(self) -> Iterator[tuple[int, int]]:
+        """(ino, parent) of every directory."""
+        q = "SELECT ino, parent FROM nodes WHERE state=?"
+        yield from self.db.execute(q, (int(State.DIR),))
+
+    def set_class_by_parent(self, klass_of: Callable[[int], tuple[int, int | None] | None]) -> int:
+        """Set (rank, max_age) of every file to klass_of(its parent directory), in two statements (a
+        scan of the table each); files for which it gives None are left alone, and only values that
+        change are written. Returns how many values changed (a row can count twice).
+
+        Two statements rather than one: SQLite rewrites the index entries of every column a row's
+        UPDATE sets, changed or not, so a new age limit alone would move every cached row in the
+        eviction index too (3.4 s instead of 5.6 s for 1M rows)."""
+
+        def rank_of(parent: int, rank: int) -> int:
+            k = klass_of(parent)
+            return rank if k is None else k[0]
+
+        def max_age_of(parent: int, max_age: int | None) -> int | None:
+            k = klass_of(parent)
+            return max_age if k is None else k[1]
+
+        self.db.create_function("s3c_rank", 2, rank_of, deterministic=True)
+        self.db.create_function("s3c_max_age", 2, max_age_of, deterministic=True)
+        before = self.db.total_changes
+        try:
+            for col in ("rank", "max_age"):
+                self.db.execute(
+                    f"UPDATE nodes SET {col} = s3c_{col}(parent, {col})"
+                    f" WHERE state != 0 AND {col} IS NOT s3c_{col}(parent, {col})"
+                )
+        finally:
+            self.db.create_function("s3c_rank", 2, None)
+            self.db.create_function("s3c_max_age", 2, None)
+        return self.db.total_changes - before
+
     def touch_many(self, atimes: dict[int, int]) -> None:
         self.db.executemany("UPDATE nodes SET atime=? WHERE ino=?", [(t, i) for i, t in atimes.items()])
 
@@ -334,13 +388,70 @@ class Index:
         q = "SELECT ino, size, state FROM nodes INDEXED BY nodes_evict WHERE state IN (2, 4) ORDER BY rank, atime LIMIT ? OFFSET ?"
         return [(r[0], r[1], State(r[2])) for r in self.db.execute(q, (limit, offset))]
 
-    def expired(self, now: int, limit: int) -> list[tuple[int, int, State]]:
-        """(ino, size, state) of files in the cache not used within their max age."""
+    def eviction_candidates(self) -> Generator[tuple[int, int, State], None, None]:
+        """eviction_order as one cursor, read as far as the caller goes. Close the iterator (or read it
+        to the end) before changing the index."""
+        q = "SELECT ino, size, state FROM nodes INDEXED BY nodes_evict WHERE state IN (2, 4) ORDER BY rank, atime"
+        yield from self._rows(q, ())
+
+    def expired(self, now: int) -> Generator[tuple[int, int, State], None, None]:
+        """(ino, size, state) of files in the cache not used within their max age, soonest due first."""
         q = (
             "SELECT ino, size, state FROM nodes INDEXED BY nodes_expiry WHERE state IN (2, 4) AND max_age IS NOT NULL"
-            " AND atime + max_age < ? ORDER BY atime + max_age LIMIT ?"
+            " AND atime + max_age < ? ORDER BY atime + max_age"
         )
-        return [(r[0], r[1], State(r[2])) for r in self.db.execute(q, (now, limit))]
+        yield from self._rows(q, (now,))
+
+    def _rows(self, q: str, args: tuple[object, ...]) -> Generator[tuple[int, int, State], None, None]:
+        cur = self.db.execute(q, args)
+        try:
+            while rows := cur.fetchmany(1024):
+                for r in rows:
+                    yield r[0], r[1], State(r[2])
+        finally:
+            cur.close()
+
+    def evict(self, victims: list[tuple[int, int, State]]) -> None:
+        """Eviction of many rows at once: CACHED ones become REMOTE, LOCAL ones (no other copy) are
+        removed, and all are entered in `doomed`, whose data files Cache removes afterwards. The caller
+        holds a transaction, so the rows and their `doomed` entries change together.
+
+        One prepared statement per kind of change, stepped over the rows in inode order: the rows
+        are then visited in table order, so consecutive ones share pages. (Measured on 30k rows of a
+        1M-row index: 0.31 s, against 0.39-0.46 s for UPDATE ... WHERE ino IN (500 values) or
+        json_each(), and 0.9 s for the same UPDATEs in eviction order.)"""
+        ordered = sorted(victims)
+        self.db.executemany(
+            f"UPDATE nodes SET state={int(State.REMOTE)} WHERE ino=?",
+            [(ino,) for ino, _, state in ordered if state != State.LOCAL],
+        )
+        self.db.executemany(
+            "DELETE FROM nodes WHERE ino=?", [(ino,) for ino, _, state in ordered if state == State.LOCAL]
+        )
+        self.db.executemany(
+            "INSERT OR REPLACE INTO doomed(ino, size) VALUES (?, ?)",
+            [(ino, size) for ino, size, _ in ordered],
+        )
+
+    def doomed(self, limit: int, after: int = 0) -> list[tuple[int, int]]:
+        """(ino, size) of evicted rows whose data file may still be in data/, by inode number."""
+        q = "SELECT ino, size FROM doomed WHERE ino > ? ORDER BY ino LIMIT ?"
+        return [(r[0], r[1]) for r in self.db.execute(q, (after, limit))]
+
+    def doomed_bytes(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(SUM(size), 0) FROM doomed").fetchone()[0])
+
+    def undoom(self, inos: list[int]) -> None:
+        for chunk in _chunks(inos):
+            self.db.execute(f"DELETE FROM doomed WHERE ino IN ({','.join('?' * len(chunk))})", chunk)
+
+    def states(self, inos: list[int]) -> dict[int, State]:
+        """State of each of these rows that exists."""
+        out: dict[int, State] = {}
+        for chunk in _chunks(inos):
+            q = f"SELECT ino, state FROM nodes WHERE ino IN ({','.join('?' * len(chunk))})"
+            out.update((r[0], State(r[1])) for r in self.db.execute(q, chunk))
+        return out
 
     def writing(self) -> list[Node]:
         rows = self.db.execute(f"SELECT {_COLS} FROM nodes WHERE state=?", (int(State.WRITING),)).fetchall()
@@ -370,6 +481,16 @@ class Index:
     def mark_all_dirs_complete(self) -> None:
         self.db.execute("UPDATE nodes SET complete=1 WHERE state=?", (int(State.DIR),))
 
+    def suspend_checkpoints(self) -> None:
+        """No automatic checkpoint at commit until resume_checkpoints(). After a large transaction
+        that checkpoint copies every page it changed into the database file (~0.2 s for an eviction
+        pass of 30k rows), in whichever commit comes next; checkpoint(path) does it in a worker
+        thread instead."""
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def resume_checkpoints(self) -> None:
+        self.db.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
+
     @contextlib.contextmanager
     def transaction(self, atomic: bool = False) -> Iterator[None]:
         """One transaction for many small writes (an eviction pass: one commit, not one per file).
@@ -394,3 +515,13 @@ class Index:
 
     def commit(self) -> None:
         self.db.execute("COMMIT")
+
+
+def checkpoint(path: Path) -> None:
+    """Worker thread: copy the WAL's pages into the database file, on a connection of its own.
+    PASSIVE: it waits for no lock, so the daemon's connection reads and writes on meanwhile."""
+    db = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        db.close()

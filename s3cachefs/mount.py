@@ -6,7 +6,8 @@ Order matters and is chosen so that a mount never appears unless it can work:
   3. the index is opened, checked to belong to this bucket and prefix, and crash leftovers are undone;
   4. pyfuse3.init mounts; without --foreground we fork into the background only now, so the parent's
      exit status tells whether the mount is up;
-  5. trio runs pyfuse3's main loop, the background listing and the age evictor in one nursery;
+  5. trio runs pyfuse3's main loop, the background listing, the age evictor and the reaper of
+     evicted files in one nursery;
      SIGTERM/SIGINT unmount cleanly (systemd stop), `fusermount3 -u` ends the loop as well.
 """
 
@@ -255,6 +256,8 @@ async def _serve(parts: _Parts, config: Config) -> bool:
         await nursery.start(on_signals)
         if parts.listing:
             nursery.start_soon(parts.ns.listing_task)
+        # Before the first pass: a large pass leaves its data files to the reaper.
+        await nursery.start(parts.cache.run_reaper)
         # A lowered cap, a fuller disk or entries that aged while unmounted: settle them first.
         parts.cache.housekeeping()
         nursery.start_soon(_housekeeping, parts.cache)

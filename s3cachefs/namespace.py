@@ -287,7 +287,7 @@ class Namespace:
         if node is None:
             return
         self.cache.forget(node)
-        self.index.remove(node.ino)
+        self.cache.index_write(lambda: self.index.remove(node.ino))
         self._gone(rel)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -311,7 +311,8 @@ class Namespace:
             return
         if self.index.has_children(node.ino):
             raise _err(errno.ENOTEMPTY, "rmdir")
-        self.index.remove(node.ino)
+        gone = node.ino
+        self.cache.index_write(lambda: self.index.remove(gone))
         self._gone(rel)
 
     async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, noreplace: bool) -> None:
@@ -362,8 +363,20 @@ class Namespace:
         src = self.index.get(src.ino)
         if src is None:
             return
-        self._move_file_row(src.ino, p_new, n_new, dst_k)
-        self.index.set_object(src.ino, src.state, info.size, info.etag, src.mtime_ns, self.cache.listing_gen)
+        moved, replaced = src, self.index.lookup(p_new, n_new)
+
+        def record() -> None:  # index changes only: it may run twice (Cache.index_write)
+            if replaced is not None:
+                self.index.remove(replaced.ino)
+            self.index.move(moved.ino, p_new, n_new)
+            self.index.set_class(moved.ino, dst_k.columns)
+            self.index.set_object(
+                moved.ino, moved.state, info.size, info.etag, moved.mtime_ns, self.cache.listing_gen
+            )
+
+        self.cache.index_write(record)
+        if replaced is not None:
+            self.cache.forget(replaced)
         self._gone(src_rel)
         self.negative.pop(dst_rel, None)
 

@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
-from s3cachefs.cache import Cache, Limits
-from s3cachefs.config import DEFAULT_POLICIES, S3Options
+from s3cachefs.cache import INLINE_UNLINKS, Cache, Limits
+from s3cachefs.config import DEFAULT_POLICIES, PathPolicy, S3Options
 from s3cachefs.index import ROOT_INO, Index, State
 from s3cachefs.s3 import S3
 
@@ -35,6 +36,10 @@ def cached_copy(m: Mount, rel: str) -> Path:
     """Where the cached bytes of `rel` live (data/XX/<ino>), whether or not they are there now."""
     ino = os.stat(m.path / rel).st_ino
     return m.cache_dir / "data" / f"{ino % 256:02x}" / str(ino)
+
+
+def data_path(cache_dir: Path, ino: int) -> str:
+    return f"{cache_dir}/data/{ino % 256:02x}/{ino}"
 
 
 def downloads_in_flight(m: Mount) -> bool:
@@ -152,6 +157,26 @@ def test_cache_keeps_the_free_space_floor(make_mount: MakeMount, tmp_path: Path)
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
+def in_process_cache(s3server: S3Server, bucket: str, root: Path, clock: Callable[[], float]) -> Cache:
+    """The Cache as mount.py builds it, without the mount: 10 MiB cap, 30-day age limit."""
+    limiter = trio.CapacityLimiter(4)
+    s3 = S3(
+        S3Options(
+            bucket=bucket,
+            endpoint_url=s3server.endpoint_url,
+            region_name="us-east-1",
+            access_key_id=s3server.access_key,
+            secret_access_key=s3server.secret_key,
+        ),
+        limiter,
+    )
+    index = Index(root / "index.sqlite")
+    limits = Limits(cap=10 * MiB, default_max_age=30 * 86400, policies=DEFAULT_POLICIES)
+    cache = Cache(root, index, s3, "", limits, limiter, clock=clock)
+    cache.recover()
+    return cache
+
+
 def test_age_eviction_follows_the_clock_not_the_calendar(s3server: S3Server, tmp_path: Path) -> None:
     bucket = s3server.new_bucket()
     client = s3server.client()
@@ -160,28 +185,8 @@ def test_age_eviction_follows_the_clock_not_the_calendar(s3server: S3Server, tmp
     now = [1_000_000.0]
 
     async def scenario() -> None:
-        limiter = trio.CapacityLimiter(4)
-        s3 = S3(
-            S3Options(
-                bucket=bucket,
-                endpoint_url=s3server.endpoint_url,
-                region_name="us-east-1",
-                access_key_id=s3server.access_key,
-                secret_access_key=s3server.secret_key,
-            ),
-            limiter,
-        )
-        index = Index(tmp_path / "index.sqlite")
-        cache = Cache(
-            tmp_path,
-            index,
-            s3,
-            "",
-            Limits(cap=10 * MiB, default_max_age=30 * 86400, policies=DEFAULT_POLICIES),
-            limiter,
-            clock=lambda: now[0],
-        )
-        cache.recover()
+        cache = in_process_cache(s3server, bucket, tmp_path, lambda: now[0])
+        index = cache.index
         parent = ROOT_INO
         for comp in (b"local_content", b"ab", b"cd"):
             parent = index.add_dir(parent, comp, complete=True).ino
@@ -217,6 +222,116 @@ def test_age_eviction_follows_the_clock_not_the_calendar(s3server: S3Server, tmp
         index.close()
 
     trio.run(scenario)
+
+
+def test_a_crash_between_evicting_rows_and_removing_their_files_serves_no_stale_bytes_and_leaves_no_garbage(
+    s3server: S3Server, tmp_path: Path
+) -> None:
+    bucket = s3server.new_bucket()
+    client = s3server.client()
+    n = INLINE_UNLINKS + 8  # more than a pass removes itself: the rest is the reaper's
+    objects = {f"local_content/ab/cd/f{i:02d}": os.urandom(1000 + i) for i in range(n)}
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    now = [1_000_000.0]
+    inos: dict[str, int] = {}
+
+    async def first_run() -> None:
+        cache = in_process_cache(s3server, bucket, tmp_path, lambda: now[0])
+        index = cache.index
+        parent = ROOT_INO
+        for comp in (b"local_content", b"ab", b"cd"):
+            parent = index.add_dir(parent, comp, complete=True).ino
+        for key, body in objects.items():
+            klass = cache.klass(key).columns
+            name = key.rsplit("/", 1)[1].encode()
+            node = index.add_file(parent, name, State.REMOTE, len(body), None, 0, 0, klass, int(now[0]))
+            os.close(await cache.fetch(node.ino))
+            inos[key] = node.ino
+        # A mount's reaper would remove the rest of the files; this process dies before it gets to.
+        cache.reaper_running = True
+        now[0] += 40 * 86400
+        assert cache.evict_aged() == n
+        index.close()  # kill -9 here: rows committed REMOTE, some data files still in data/
+
+    trio.run(first_run)
+    left = {key: p for key, ino in inos.items() if os.path.exists(p := data_path(tmp_path, ino))}
+    assert len(left) == n - INLINE_UNLINKS, "the scenario needs files that outlived their rows"
+    for p in left.values():  # same length, other bytes: serving one would be caught below
+        Path(p).write_bytes(os.urandom(os.path.getsize(p)))
+    (tmp_path / "trash" / "0badf00d-1").write_bytes(b"moved to trash/ by the dead process, never unlinked")
+    reread = next(iter(left))
+
+    async def second_run() -> None:
+        cache = in_process_cache(s3server, bucket, tmp_path, lambda: now[0])
+        index = cache.index
+        assert {getattr(index.get(ino), "state", None) for ino in inos.values()} == {State.REMOTE}
+        # Read before the reaper ran: fetched from S3 again, and the download replaced the leftover.
+        fd = await cache.fetch(inos[reread])
+        try:
+            assert os.pread(fd, 10_000, 0) == objects[reread]
+        finally:
+            os.close(fd)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run_reaper)
+            with trio.fail_after(30):
+                await cache.wait_reaped()
+            nursery.cancel_scope.cancel()
+        assert os.listdir(tmp_path / "trash") == []
+        assert index.doomed(100) == []
+        kept = {key for key, ino in inos.items() if os.path.exists(data_path(tmp_path, ino))}
+        assert kept == {reread}, "the re-fetched copy stays, every leftover of an evicted row went"
+        node = index.get(inos[reread])
+        assert node is not None and node.state == State.CACHED
+        assert Path(data_path(tmp_path, inos[reread])).read_bytes() == objects[reread]
+        index.close()
+
+    trio.run(second_run)
+
+
+def test_a_policy_change_gives_every_file_the_class_of_its_path(tmp_path: Path) -> None:
+    paths = [
+        "top-level-file",
+        "url_cache/2026-11-21/a",
+        "url_cache_thumbnails/2026-11-21/a/32-32-image-png-crop",
+        "local_content/ab/cd/x",
+        "local_content/abc/d/y",
+        "local_content/zz/q",
+        "remote_content/example.org/ab/cd/r",
+        "scratch/deep/er/still/s",
+        "scratchpad/t",
+        "other/u",
+    ]
+    limiter = trio.CapacityLimiter(1)
+    s3 = S3(S3Options(bucket="unused", region_name="us-east-1"), limiter)  # no request is made
+    index = Index(tmp_path / "index.sqlite")
+    dirs: dict[str, int] = {"": ROOT_INO}
+    for rel in paths:
+        *comps, name = rel.split("/")
+        for i in range(len(comps)):
+            d = "/".join(comps[: i + 1])
+            if d not in dirs:
+                dirs[d] = index.add_dir(dirs["/".join(comps[:i])], comps[i].encode(), complete=True).ino
+        index.add_file(dirs["/".join(comps)], name.encode(), State.REMOTE, 1, "e", 0, 0)
+    changed = (
+        # Prefixes that reach into a directory ("local_content/ab" matches ab/ but also abc/), or
+        # end inside a name ("scratch" matches scratch/ and scratchpad/), or match one file.
+        PathPolicy("local_content/ab", evict_rank=5, max_age=60.0),
+        PathPolicy("scratch", local_only=True, evict_rank=3),
+        PathPolicy("scratch/deep/", evict_rank=4, max_age=1.0),
+        PathPolicy("top-level-file", evict_rank=6),
+    )
+    for policies, age in ((DEFAULT_POLICIES, 30 * 86400.0), (changed, None), (DEFAULT_POLICIES, None)):
+        cache = Cache(
+            tmp_path, index, s3, "", Limits(cap=MiB, default_max_age=age, policies=policies), limiter
+        )
+        cache.recover()
+        got = {}
+        for ino, rel in index.walk_files():
+            node = index.db.execute("SELECT rank, max_age FROM nodes WHERE ino=?", (ino,)).fetchone()
+            got[rel] = tuple(node)
+        assert got == {rel: cache.klass(rel).columns for rel in paths}, policies
+    index.close()
 
 
 def test_a_damaged_cached_copy_is_dropped_and_fetched_again(make_mount: MakeMount) -> None:
