@@ -46,6 +46,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -81,6 +82,9 @@ log = logging.getLogger(__name__)
 # When the cap is hit, evict down to this fraction of it, so eviction runs in batches rather than on
 # every single fill.
 LOW_WATERMARK = 0.9
+
+# A large download is hashed in steps of this size as its bytes become contiguous.
+HASH_STEP = 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -275,6 +279,11 @@ class Cache:
         self._trash_tag = secrets.token_hex(4)  # trash/ names of this run never meet a crash's leftovers
         self._trashed = 0
         self._checkpoint_wanted = False  # the index commits without checkpoints until the reaper ran one
+        # All 256 data/XX directories up front: otherwise the first file placed in each costs a
+        # failed rename, a makedirs and a second rename (see _place) on the way to its first byte.
+        for i in range(256):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(f"{self.data_dir}/{i:02x}", 0o700)
         self.cached_bytes = index.cached_bytes()
         self.stats: Counter[str] = Counter()
         self._stats_base: Counter[str] = Counter(json.loads(index.get_meta("stats") or "{}"))
@@ -545,6 +554,18 @@ class Cache:
             # The rest in parallel ranged GETs, started in order (the limiter is FIFO), so a
             # sequential reader finds the next part already on its way: that is the read-ahead.
             limiter = trio.CapacityLimiter(self.limits.read_concurrency)
+            hasher = hashlib.md5()
+
+            async def hash_along() -> None:
+                # MD5 of the whole object, in order, as its bytes become contiguous from the start:
+                # while the later parts still arrive, so that little is left to hash at the end.
+                off = 0
+                while off < r.total:
+                    while d.available - off < min(HASH_STEP, r.total - off):
+                        await d.changed.wait()
+                    end = d.available
+                    await trio.to_thread.run_sync(_md5_update, hasher, d.fd, off, end, limiter=self.limiter)
+                    off = end
 
             async def fetch_part(i: int) -> None:
                 async with limiter:
@@ -556,9 +577,10 @@ class Cache:
 
             with first_error():
                 async with trio.open_nursery() as parts:
+                    parts.start_soon(hash_along)
                     for i in range(1, d.nparts):
                         parts.start_soon(fetch_part, i)
-            md5 = await trio.to_thread.run_sync(md5_fd, d.fd, limiter=self.limiter)
+            md5 = hasher.hexdigest()
         return r, md5
 
     async def _transfer_restart(self, d: Download) -> None:
@@ -600,8 +622,11 @@ class Cache:
                 self.make_room(r.total)
                 self._place(d.tmp, d.ino)
                 committed = True
-                self.index.set_object(d.ino, State.CACHED, r.total, r.etag, cur.mtime_ns, self.listing_gen)
-                self.index.set_md5(d.ino, md5)
+                with self.index.transaction():  # one commit for both
+                    self.index.set_object(
+                        d.ino, State.CACHED, r.total, r.etag, cur.mtime_ns, self.listing_gen
+                    )
+                    self.index.set_md5(d.ino, md5)
                 self._verified[d.ino] = True
                 self.cached_bytes += r.total
             # else: unlinked or rewritten meanwhile: its readers get these bytes, the cache nothing.
@@ -1331,6 +1356,15 @@ class Cache:
         self.index.set_meta("stats", json.dumps(dict(self.counters())))
         self.index.set_meta("saves", str(self._saves))
         self.index.set_meta("limits", json.dumps({"cap": self.limits.cap, "min_free": self.limits.min_free}))
+
+
+def _md5_update(md5: hashlib._Hash, fd: int, start: int, end: int) -> None:
+    while start < end:
+        chunk = os.pread(fd, min(HASH_STEP, end - start), start)
+        if not chunk:
+            raise OSError(errno.EIO, f"download file ends at {start}, expected {end} bytes")
+        md5.update(chunk)
+        start += len(chunk)
 
 
 def _fsync_and_hash(fd: int) -> str:

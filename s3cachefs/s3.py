@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import boto3
 import botocore.config
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _READ_CHUNK = 1024 * 1024
+# PUT bodies up to this size are sent from memory (the size of a default multipart part).
+_IN_MEMORY_BODY = 8 * 1024 * 1024
 # Downloads report progress every chunk: small enough for a quick first byte, large enough that the
 # hop back into the event loop costs little.
 _STREAM_CHUNK = 256 * 1024
@@ -383,17 +385,28 @@ class S3:
 
     def _put_single(self, key: str, path: str) -> ObjectInfo:
         with open(path, "rb") as f:
-            md5 = hashlib.md5()
-            size = 0
-            while chunk := f.read(_READ_CHUNK):
-                md5.update(chunk)
-                size += len(chunk)
-            f.seek(0)
+            size = os.fstat(f.fileno()).st_size
+            if size <= _IN_MEMORY_BODY:
+                # One read, one hash, one sendall: a file body would go out in http.client's 8 KiB
+                # read+send steps (a third of a small close()'s CPU). Memory stays bounded as for a
+                # multipart part: one body per worker thread, at most _IN_MEMORY_BODY each.
+                data = f.read()
+                size = len(data)
+                md5 = hashlib.md5(data)
+                body: bytes | BinaryIO = data
+            else:
+                md5 = hashlib.md5()
+                size = 0
+                while chunk := f.read(_READ_CHUNK):
+                    md5.update(chunk)
+                    size += len(chunk)
+                f.seek(0)
+                body = f
             # botocore rewinds a seekable body before each retry, so retries resend the same bytes.
             r = self.client.put_object(
                 Bucket=self.bucket,
                 Key=key,
-                Body=f,
+                Body=body,
                 ContentLength=size,
                 ContentMD5=base64.b64encode(md5.digest()).decode(),
                 **self._extra_put_args(),
@@ -438,13 +451,19 @@ class S3:
     ) -> RangeResult:
         """GET bytes [start, end] (end inclusive; None: the whole object, with no Range header) of
         `key` into `fd` at the same offsets, calling `progress(bytes so far)` in the event loop as
-        chunks land, so that readers can be served before the download ends.
+        chunks land, so that readers can be served before the download ends. The worker thread only
+        queues those calls (it never waits for the event loop, which is busy serving the readers);
+        the last one is made before this returns.
 
         With `if_match`, S3 refuses (412) if the object is no longer that version: the parts of one
         download never mix two versions of an object.
         """
 
+        token = trio.lowlevel.current_trio_token()
+        got = 0
+
         def fn() -> RangeResult:
+            nonlocal got
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse}
             if end is not None:
                 kwargs["Range"] = f"bytes={start}-{end}"
@@ -455,10 +474,10 @@ class S3:
             content_range = r.get("ContentRange")  # "bytes 0-8388607/20971520"
             total = int(content_range.rsplit("/", 1)[1]) if content_range else length
             md5 = hashlib.md5() if end is None else None
-            got = 0
             body = r["Body"]
-            # A small first chunk gets the first bytes to a waiting reader sooner.
-            while chunk := body.read(_FIRST_CHUNK if got == 0 else _STREAM_CHUNK):
+            # Small first chunks get the first bytes to a waiting reader sooner (the kernel's first
+            # read of a file asks for 128 KiB).
+            while chunk := body.read(_FIRST_CHUNK if got < 2 * _FIRST_CHUNK else _STREAM_CHUNK):
                 if md5 is not None:
                     md5.update(chunk)
                 view = memoryview(chunk)
@@ -469,12 +488,18 @@ class S3:
                         raise LocalWriteError(err) from err
                     view = view[n:]
                     got += n
-                trio.from_thread.run_sync(progress, got)
+                if got < length:
+                    # Queued, not awaited: run_sync_soon keeps the order, and the thread's result
+                    # is delivered after every call queued before it. The last chunk needs none.
+                    token.run_sync_soon(progress, got)
             if got != length:
                 raise IntegrityError(f"GET {key}: got {got} bytes, S3 said {length}")
             return RangeResult(total, r.get("ETag", ""), _mtime_ns(dict(r)), md5.hexdigest() if md5 else None)
 
-        return await self._run(f"GET {key}", fn)
+        try:
+            return await self._run(f"GET {key}", fn)
+        finally:
+            progress(got)  # the bytes that landed, also when the GET failed part way
 
     async def get_bytes(self, key: str, start: int, size: int, if_match: str) -> bytes:
         """GET bytes [start, start + size) of that version of `key` into memory (size is bounded by
