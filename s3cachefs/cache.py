@@ -74,7 +74,6 @@ from .s3 import (
     S3Error,
     first_error,
     md5_fd,
-    md5_file,
 )
 
 log = logging.getLogger(__name__)
@@ -187,6 +186,11 @@ class Pipeline:
     error: BaseException | None = None
     more: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
+    # The whole file's MD5 (the cache records it), taken in order as parts are handed out, so that
+    # close() hashes only the tail: bytes [0, hashed) are in md5.
+    md5: hashlib._Hash = field(default_factory=hashlib.md5)
+    hashed: int = 0
+    scheduled: trio.Event = field(default_factory=trio.Event)  # scheduled_end moved, or stop
 
 
 @dataclass(frozen=True)
@@ -804,18 +808,37 @@ class Cache:
         try:
             await pl.mpu.start()
             async with trio.open_nursery() as parts:
+                parts.start_soon(self._hash_along, w, pl)
                 while not pl.stop:
                     while pl.scheduled_end + pl.part_size <= w.seq_end and not pl.stop:
                         number = pl.scheduled_end // pl.part_size + 1
                         parts.start_soon(pl.mpu.upload_part, number, w.path, pl.scheduled_end, pl.part_size)
                         pl.scheduled_end += pl.part_size
+                        pl.scheduled.set()
                     await pl.more.wait()
                     pl.more = trio.Event()
+                pl.scheduled.set()
         except Exception as e:
             pl.error = e
             log.info("pipelined upload of %s failed (%s); close() uploads the whole file", pl.mpu.key, e)
         finally:
             pl.done.set()
+
+    async def _hash_along(self, w: Writer, pl: Pipeline) -> None:
+        """Hash the parts in order as they are handed out (their bytes no longer change: any write
+        that does not append ends the pipeline)."""
+        while True:
+            if pl.hashed < pl.scheduled_end:
+                end = pl.scheduled_end
+                await trio.to_thread.run_sync(
+                    _md5_update_path, pl.md5, w.path, pl.hashed, end, limiter=self.limiter
+                )
+                pl.hashed = end
+            elif pl.stop:
+                return
+            else:
+                await pl.scheduled.wait()
+                pl.scheduled = trio.Event()
 
     async def _finish_pipeline(self, w: Writer) -> ObjectInfo | None:
         """At close(): upload the tail and complete, or None if the whole file must be uploaded."""
@@ -830,15 +853,16 @@ class Cache:
         if pl.error is not None or size < pl.scheduled_end or size < self.s3.opts.multipart_threshold:
             await pl.mpu.abort()
             return None
-        md5: list[str] = []
 
-        async def hash_whole() -> None:
-            md5.append(await trio.to_thread.run_sync(md5_file, w.path, limiter=self.limiter))
+        async def hash_tail() -> None:
+            await trio.to_thread.run_sync(
+                _md5_update_path, pl.md5, w.path, pl.hashed, size, limiter=self.limiter
+            )
 
         try:
             with first_error():
                 async with trio.open_nursery() as tail:
-                    tail.start_soon(hash_whole)
+                    tail.start_soon(hash_tail)
                     off = pl.scheduled_end
                     while off < size:
                         length = min(pl.part_size, size - off)
@@ -849,7 +873,7 @@ class Cache:
             await pl.mpu.abort()
             raise
         self.stats["pipelined_uploads"] += 1
-        return ObjectInfo(pl.mpu.key, size, etag, 0, md5[0])
+        return ObjectInfo(pl.mpu.key, size, etag, 0, pl.md5.hexdigest())
 
     def _record(self, ino: int, state: State, size: int, etag: str | None, md5: str | None) -> None:
         """Record what S3 now holds, after a PUT or DELETE (see index_write)."""
@@ -1362,9 +1386,17 @@ def _md5_update(md5: hashlib._Hash, fd: int, start: int, end: int) -> None:
     while start < end:
         chunk = os.pread(fd, min(HASH_STEP, end - start), start)
         if not chunk:
-            raise OSError(errno.EIO, f"download file ends at {start}, expected {end} bytes")
+            raise OSError(errno.EIO, f"file ends at {start}, expected {end} bytes")
         md5.update(chunk)
         start += len(chunk)
+
+
+def _md5_update_path(md5: hashlib._Hash, path: str, start: int, end: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _md5_update(md5, fd, start, end)
+    finally:
+        os.close(fd)
 
 
 def _fsync_and_hash(fd: int) -> str:
