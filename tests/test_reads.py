@@ -14,6 +14,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
+
+from .faultproxy import FaultProxy
 from .harness import REPO_ROOT, MakeMount, Mount, S3Server, TcpForwarder, files_under, wait_until
 
 if TYPE_CHECKING:
@@ -227,3 +230,27 @@ def test_a_large_object_deleted_behind_the_mount_mid_download_fails_the_read_wit
         m.unmount()
     log = m.log_text()
     assert "Traceback" not in log, log
+
+
+def test_a_cold_read_retries_server_errors_and_answers_eio_only_once_they_run_out(
+    make_mount: MakeMount, s3server: S3Server, s3: S3Client, bucket: str
+) -> None:
+    data = os.urandom(300_000)
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/x", Body=data)
+    with FaultProxy(s3server.s3_port, seed=1) as proxy:
+        m = make_mount(
+            bucket=bucket, extra_args=["--endpoint-url", proxy.endpoint_url, "--max-attempts", "3"]
+        )
+        assert wait_until(lambda: listed(m), 15)
+        path = m.path / "local_content/ab/cd/x"
+        with proxy.fault("http_503"):
+            with pytest.raises(OSError) as failed:
+                path.read_bytes()
+            assert failed.value.errno == errno.EIO
+            assert proxy.counts().get("http_503:GET") == 3, "one GET, retried up to --max-attempts"
+        with proxy.fault("http_500", probability=0.5):
+            # Seeded (seed 1): the first GET meets a 500, its retry passes.
+            assert path.read_bytes() == data
+        assert proxy.counts().get("http_500:GET") == 1
+        assert (m.path / "local_content/ab/cd/x").read_bytes() == data
+        m.unmount()
