@@ -5,6 +5,7 @@ Layout of the cache directory:
     data/XX/<ino>       complete copies of objects (XX = ino % 256, to keep directories small)
     tmp/                downloads and write staging files in progress; emptied at every mount
     trash/              data files of evicted rows on their way out (Cache.run_reaper); emptied at mount
+    reserve             1 MiB held for the index, given up when a full disk refuses an index update
     lock                flock()ed by the running instance
 
 Cache state machine of a file row (index.State), and who moves it:
