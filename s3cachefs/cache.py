@@ -274,6 +274,7 @@ class Cache:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.reserve_path = root / "reserve"
+        self.reserve_short = False  # the disk had no room to make the reserve again
         self.keep_reserve()
         self.trash_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Evicted data files: without a reaper (in-process use) a pass unlinks them all itself.
@@ -906,15 +907,24 @@ class Cache:
             return
         try:
             fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
+        except OSError as e:
+            self._reserve_failed(e)
             return
         try:
             os.posix_fallocate(fd, 0, RESERVE)
-        except OSError:
+        except OSError as e:
             os.close(fd)
             _unlink_quiet(str(self.reserve_path))
+            self._reserve_failed(e)
             return
         os.close(fd)
+        self.reserve_short = False
+
+    def _reserve_failed(self, e: OSError) -> None:
+        # Only a full disk stops new writes (index_writable); any other failure goes without one.
+        self.reserve_short = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not self.reserve_short:
+            log.warning("cannot keep the index's reserve %s: %s", self.reserve_path, e)
 
     def _make_index_room(self) -> bool:
         """The index could not grow (a full cache disk): free space for it. False if nothing is left."""
@@ -1313,7 +1323,7 @@ class Cache:
         # The reserve is for recording what was already done, not for starting more.
         if not self.reserve_path.exists():
             self.keep_reserve()
-            if not self.reserve_path.exists():
+            if self.reserve_short:
                 raise sqlite3.OperationalError("database or disk is full (no room for the index's reserve)")
 
     def settle_orphans(self) -> None:
