@@ -273,12 +273,14 @@ class Model:
 # s3cachefs bugs this machine has found, by name. Listing one in Tuning.avoid (or in the environment
 # variable S3CACHEFS_MODEL_AVOID, comma-separated) makes the machine skip the calls that trigger it, so
 # that a long run can look for other bugs while that one is open. By default nothing is avoided.
+# Both fixed (commit 4978ddc; tests/test_model.py has their reproductions); the names stay so that a
+# run can still be steered around them, e.g. to compare with an older checkout.
 KNOWN_BUGS = {
-    "rename-empty-file": "rename of an empty file (kept in the cache only, never uploaded) outside "
-    "url_cache/ gives ENOENT: Namespace.rename copies an object that S3 does not have",
-    "reopen-leaks-cache-copy": "opening a cached, uploaded file for writing and closing it without "
-    "writing (open 'ab' or 'r+b', no write) turns it back to REMOTE but leaves its data/ file behind, "
-    "uncounted: data/ grows past the cap (cache.py Cache.finish_write, revert path)",
+    "rename-empty-file": "(fixed) rename of an empty file (kept in the cache only, never uploaded) "
+    "outside url_cache/ gave ENOENT: Namespace.rename copied an object that S3 does not have",
+    "reopen-leaks-cache-copy": "(fixed) opening a cached, uploaded file for writing and closing it "
+    "without writing (open 'ab' or 'r+b', no write) turned it back to REMOTE but left its data/ file "
+    "behind, uncounted: data/ grew past the cap (cache.py Cache.finish_write, revert path)",
 }
 # Found by the model too, but timing-dependent, so the machine steers clear of them in every mode (a
 # failure that does not replay makes Hypothesis report a useless FlakyFailure); tests/test_model.py
