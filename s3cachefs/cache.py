@@ -269,6 +269,11 @@ class Cache:
         # Inodes whose cached bytes were hashed (or written) by this process; bounded, so a file that
         # falls out is simply hashed again on its next first read.
         self._verified: cachetools.LRUCache[int, bool] = cachetools.LRUCache(maxsize=100_000)
+        # Content versions (see content_version): a stamp from one counter that only grows, per
+        # inode whose content was replaced in this process; bounded, and a stamp that falls out
+        # reads as 0, which only makes an old handle reopen once more than it had to.
+        self._versions: cachetools.LRUCache[int, int] = cachetools.LRUCache(maxsize=100_000)
+        self._version_counter = 0
         self._last_warning = 0.0
         self.listing_gen = 0  # set by Namespace: rows we commit count as seen by the current listing
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -669,6 +674,7 @@ class Cache:
                 os.ftruncate(w.fd, 0)
                 self.truncated(w)
             return w
+        self.content_replaced(node.ino)
         path = self._tmp("put", node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -699,6 +705,18 @@ class Cache:
             node.ino, path, fd, prev, dirty=dirty, seq_end=os.fstat(fd).st_size, was_cached=was_cached
         )
         return w
+
+    def content_version(self, ino: int) -> int:
+        """Changes whenever the file's bytes are replaced (a write begins, or the object was replaced
+        behind our back). A read handle opened at another version must not serve the bytes it
+        opened: the kernel would keep them in its page cache, shared by every later open of the
+        inode (keep_cache), long after the new version is in place; and a local filesystem shows
+        an overwrite in place to its open readers too."""
+        return self._versions.get(ino, 0)
+
+    def content_replaced(self, ino: int) -> None:
+        self._version_counter += 1
+        self._versions[ino] = self._version_counter
 
     def drop_new_row(self, ino: int) -> None:
         """Remove the row of a file created a moment ago whose write could not even begin."""

@@ -91,6 +91,7 @@ class _Handle:
     writer: Writer | None = None
     size: int = 0  # the file's size when opened: fstat() of it once unlinked with no local copy
     direct: bool = False  # the cache disk had no room for it: every read is a ranged GET
+    version: int = 0  # Cache.content_version when fd or download was taken
 
 
 class Operations(pyfuse3.Operations):
@@ -317,7 +318,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.is_dir:
             raise OSError(errno.EISDIR, "open")
-        h = _Handle(inode, size=node.size)
+        h = _Handle(inode, size=node.size, version=self.cache.content_version(inode))
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writing:
             h.writer = await self.cache.start_write(node, truncate=bool(flags & os.O_TRUNC))
@@ -377,6 +378,11 @@ class Operations(pyfuse3.Operations):
         w = self.cache.writers.get(h.ino)
         if w is not None:
             return os.pread(w.fd, size, off)
+        version = self.cache.content_version(h.ino)
+        if h.version != version and h.writer is None:
+            # Replaced since this handle took its copy: from now on it reads the current bytes.
+            self._drop_copy(h)
+            h.version = version
         if h.direct:
             return await self.cache.read_direct(h.ino, off, size)
         if h.download is not None:
@@ -398,6 +404,14 @@ class Operations(pyfuse3.Operations):
             h.checked = True
         # Local disk (usually the page cache): cheaper inline than a thread hop per 128 KiB read.
         return os.pread(h.fd, size, off)
+
+    def _drop_copy(self, h: _Handle) -> None:
+        if h.fd is not None:
+            os.close(h.fd)
+            h.fd, h.checked = None, False
+        if h.download is not None:
+            self.cache.close_download(h.download)
+            h.download = None
 
     async def _read_download(self, h: _Handle, off: int, size: int) -> bytes:
         d = h.download
@@ -458,10 +472,7 @@ class Operations(pyfuse3.Operations):
             del self.cache.pins[h.ino]
             # It may have been kept over the cap only because it was open.
             self.cache.make_room(0)
-        if h.fd is not None:
-            os.close(h.fd)
-        if h.download is not None:
-            self.cache.close_download(h.download)
+        self._drop_copy(h)
         if h.writer is not None:
             h.writer.handles -= 1
             if h.writer.handles == 0:
@@ -469,10 +480,9 @@ class Operations(pyfuse3.Operations):
 
     async def _end_write(self, w: Writer, node: Node | None) -> None:
         removed = await self.cache.finish_write(w)
-        reverted = w.dirty and not w.unlinked
-        if reverted:
-            # The kernel may still hold the bytes and size of the write that failed; S3 does not.
-            await trio.to_thread.run_sync(_invalidate, w.ino, node if removed else None, limiter=self.limiter)
+        # The kernel may hold pages of the version before (read through handles opened before the
+        # write) or, after a failed upload, the bytes and size of a write that S3 does not have.
+        await trio.to_thread.run_sync(_invalidate, w.ino, node if removed else None, limiter=self.limiter)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inode numbers are row ids in the persistent index and stay valid; nothing to free.

@@ -241,6 +241,7 @@ class Namespace:
         if node.etag != o.etag or node.size != o.size:
             # Replaced behind our back: forget the old copy, serve the new object from now on.
             self.cache.forget(node)
+            self.cache.content_replaced(node.ino)
             self.index.set_object(node.ino, State.REMOTE, o.size, o.etag, o.mtime_ns, gen)
             self.on_changed(node.ino, None)
             return

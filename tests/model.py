@@ -533,7 +533,7 @@ class MountModel(RuleBasedStateMachine):
 
     def fail(self, what: str) -> None:
         assert self.mount is not None
-        trace = "\n".join(f"  {i:3d}. {line}" for i, line in enumerate(self.trace[-60:], 1))
+        trace = "\n".join(f"  {i:3d}. {line}" for i, line in enumerate(self.trace, 1))
         raise Mismatch(
             f"{what}\n--- calls of this example (mount {self.mount.path}, bucket {self.mount.bucket}) ---\n"
             f"{trace}\n--- mount log ---\n{self.mount.log_tail(30)}"

@@ -254,3 +254,23 @@ def test_a_cold_read_retries_server_errors_and_answers_eio_only_once_they_run_ou
         assert proxy.counts().get("http_500:GET") == 1
         assert (m.path / "local_content/ab/cd/x").read_bytes() == data
         m.unmount()
+
+
+def test_a_reader_open_across_an_overwrite_leaves_no_old_bytes_for_later_readers(mounted: Mount) -> None:
+    """Found by the soak: a reader that opened the old version and read on after an overwrite put
+    the old bytes into the kernel's page cache, which every later open of the inode shares (keep_cache):
+    new readers got the new size with old bytes. As on a local filesystem, an open reader now sees
+    the overwrite."""
+    d = mounted.path / "local_thumbnails/ab/cd/media"
+    os.makedirs(d)
+    p = d / "96-96-image-jpeg-crop"
+    old, new = os.urandom(300_000), os.urandom(250_000)
+    p.write_bytes(old)
+    with open(p, "rb", buffering=0) as reader:
+        assert reader.read(65536) == old[:65536]
+        p.write_bytes(new)  # open('wb'), write, close: durable in S3 when this returns
+        rest = reader.read()
+    assert p.read_bytes() == new
+    with open(p, "rb") as again:
+        assert again.read() == new
+    assert rest == new[65536:]
