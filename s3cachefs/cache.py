@@ -1279,28 +1279,27 @@ class Cache:
         freed = self._reap_all_now()
         free, total = self._fs_bytes()
         want = max(1024 * 1024, total // 20) + need
-        skipped = 0
-        while free < want:
-            batch = self.index.eviction_order(limit=256, offset=skipped)
-            if not batch:
-                break
-            for ino, size, state in batch:
-                if self.busy(ino) or state == State.LOCAL:
-                    skipped += 1
-                    continue
-                self._unlink_data(ino)
-                freed += size
-                free += size
-                try:
-                    self.index.set_state(ino, State.REMOTE)
-                    self.cached_bytes -= size
-                except sqlite3.Error:
-                    # Still listed as cached: skip it from now on; its next open finds the file
-                    # gone and demotes it (and only then is it uncounted, once).
-                    skipped += 1
-                self.stats["evictions"] += 1
-                if free >= want:
+        victims: list[tuple[int, int]] = []
+        short = want - free
+        with contextlib.closing(self.index.eviction_candidates()) as candidates:
+            for ino, size, state in candidates:
+                if short <= 0:
                     break
+                if self.busy(ino) or state == State.LOCAL:
+                    continue
+                victims.append((ino, size))
+                short -= size
+        for ino, size in victims:
+            self._unlink_data(ino)
+            freed += size
+            try:
+                self.index.set_state(ino, State.REMOTE)
+                self.cached_bytes -= size
+            except sqlite3.Error:
+                # Still listed as cached: its next open finds the file gone and demotes it (and
+                # only then is it uncounted, once).
+                pass
+            self.stats["evictions"] += 1
         if freed:
             log.warning("cache filesystem full: evicted %d bytes of cached copies to make room", freed)
         return freed

@@ -162,7 +162,7 @@ class Index:
         # default (max + 1), which gives a deleted newest file's number to the next file: the
         # kernel, still holding the old inode (generation 0), would serve its cached attributes and
         # pages for the new file. Across mounts reuse is harmless: the kernel starts afresh.
-        self._last_ino: int = self.db.execute("SELECT MAX(ino) FROM nodes").fetchone()[0]
+        self._last_ino = self.max_ino()
 
     def close(self) -> None:
         self.db.close()
@@ -383,14 +383,10 @@ class Index:
         ).fetchone()
         return int(row[0]), int(row[1])
 
-    def eviction_order(self, limit: int, offset: int = 0) -> list[tuple[int, int, State]]:
-        """(ino, size, state) of files in the cache: lowest rank first, then least recently used."""
-        q = "SELECT ino, size, state FROM nodes INDEXED BY nodes_evict WHERE state IN (2, 4) ORDER BY rank, atime LIMIT ? OFFSET ?"
-        return [(r[0], r[1], State(r[2])) for r in self.db.execute(q, (limit, offset))]
-
     def eviction_candidates(self) -> Generator[tuple[int, int, State], None, None]:
-        """eviction_order as one cursor, read as far as the caller goes. Close the iterator (or read it
-        to the end) before changing the index."""
+        """(ino, size, state) of files in the cache, lowest rank first, then least recently used: one
+        cursor, read as far as the caller goes. Close the iterator (or read it to the end) before
+        changing the index."""
         q = "SELECT ino, size, state FROM nodes INDEXED BY nodes_evict WHERE state IN (2, 4) ORDER BY rank, atime"
         yield from self._rows(q, ())
 

@@ -352,7 +352,7 @@ class Namespace:
                 await self.s3.delete(self.prefix + dst_rel)
                 if self.index.get(src.ino) is None:
                     return
-            self._move_file_row(src.ino, p_new, n_new, dst_k)
+            self._move_file_row(src, p_new, n_new, dst_k)
             self._gone(src_rel)
             self.negative.pop(dst_rel, None)
             return
@@ -364,31 +364,31 @@ class Namespace:
         src = self.index.get(src.ino)
         if src is None:
             return
-        moved, replaced = src, self.index.lookup(p_new, n_new)
+        self._move_file_row(src, p_new, n_new, dst_k, info)
+        self._gone(src_rel)
+        self.negative.pop(dst_rel, None)
 
-        def record() -> None:  # index changes only: it may run twice (Cache.index_write)
+    def _move_file_row(
+        self, src: Node, p_new: int, n_new: bytes, klass: Klass, info: ObjectInfo | None = None
+    ) -> None:
+        """Point the row at its new name (and at `info`, the object now under that name, if given),
+        replacing whatever file had that name. The index changes are one transaction, retried on a
+        full disk (Cache.index_write); the replaced file's cached copy goes once they are in."""
+        replaced = self.index.lookup(p_new, n_new)
+
+        def record() -> None:  # index changes only: it may run twice
             if replaced is not None:
                 self.index.remove(replaced.ino)
-            self.index.move(moved.ino, p_new, n_new)
-            self.index.set_class(moved.ino, dst_k.columns)
-            self.index.set_object(
-                moved.ino, moved.state, info.size, info.etag, moved.mtime_ns, self.cache.listing_gen
-            )
+            self.index.move(src.ino, p_new, n_new)
+            self.index.set_class(src.ino, klass.columns)
+            if info is not None:
+                self.index.set_object(
+                    src.ino, src.state, info.size, info.etag, src.mtime_ns, self.cache.listing_gen
+                )
 
         self.cache.index_write(record)
         if replaced is not None:
             self.cache.forget(replaced)
-        self._gone(src_rel)
-        self.negative.pop(dst_rel, None)
-
-    def _move_file_row(self, ino: int, p_new: int, n_new: bytes, klass: Klass) -> None:
-        """Point the row at its new name, replacing (and forgetting) whatever file had that name."""
-        dst = self.index.lookup(p_new, n_new)
-        if dst is not None:
-            self.cache.forget(dst)
-            self.index.remove(dst.ino)
-        self.index.move(ino, p_new, n_new)
-        self.index.set_class(ino, klass.columns)
 
     async def _rename_dir(self, src: Node, dst: Node | None, p_new: int, n_new: bytes) -> None:
         await self.ensure_listed(src.ino)
