@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
+# A delay that never passes: 100 years (Go's time.ParseDuration accepts up to ~290 years).
+NEVER = "876000h"
 TEST_REGION = "us-east-1"
 
 
@@ -208,7 +210,9 @@ class S3Server:
         base_dir: Path | None = None,
         access_key: str = "s3cachefs-test-access",
         secret_key: str = "s3cachefs-test-secret",
+        empty_folder_cleanup_delay: str = NEVER,
     ) -> None:
+        self.empty_folder_cleanup_delay = empty_folder_cleanup_delay
         self.base_dir = (
             Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="s3cfs-weed-"))
         )
@@ -334,9 +338,29 @@ class S3Server:
                     ) from None
         raise AssertionError("unreachable")
 
+    def _write_filer_toml(self) -> None:
+        """weed reads filer.toml from its working directory (base_dir). SeaweedFS's S3 gateway
+        removes a folder some time after its last object was deleted (the "empty-folder cleaner",
+        filer.options.s3.empty_folder_cleanup_delay, default 2m). In SeaweedFS 4.48 it can delete
+        an object written at that folder's own key meanwhile, e.g. put "d/x", delete "d/x", put
+        "d", delete "d", put "d" again: "d" is acknowledged and gone at the cleaner's next pass
+        (bench/seaweedfs_folder_cleaner.py shows it). That is the backend losing a write, which
+        would fail our invariant checks for a reason outside the mount, so the test server never
+        runs the cleaner unless asked. With a filer.toml weed does not pick its default store, so
+        the same leveldb2 directory is named here."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        (self.base_dir / "filer.toml").write_text(
+            "[filer.options]\n"
+            f's3.empty_folder_cleanup_delay = "{self.empty_folder_cleanup_delay}"\n\n'
+            "[leveldb2]\n"
+            "enabled = true\n"
+            f'dir = "{self.data_dir / "filerldb2"}"\n'
+        )
+
     def _spawn_and_wait(self) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._write_filer_toml()
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self._log_file.write(
