@@ -139,7 +139,16 @@ def _check_identity(index: Index, config: Config) -> None:
 
 def _check_s3(config: Config) -> None:
     try:
-        S3(config.s3, trio.CapacityLimiter(1), make_client(config.s3)).check_access_sync()
+        server = S3(config.s3, trio.CapacityLimiter(1), make_client(config.s3)).check_access_sync()
+        if "seaweedfs" in server.lower():
+            # Measured with bench/seaweedfs_folder_cleaner.py on SeaweedFS 4.48: its empty-folder
+            # cleaner deletes an object written at the key of a folder emptied shortly before.
+            log.warning(
+                "the S3 server is %s: unless its empty-folder cleaner is off, it can delete a file "
+                "written where a directory of the same name was emptied in the last minutes "
+                "(README, 'SeaweedFS')",
+                server,
+            )
     except NoSuchBucket as e:
         raise ConfigError(str(e)) from None
     except AccessDenied as e:

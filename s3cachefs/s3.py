@@ -306,11 +306,13 @@ class S3:
 
     # -- checks -------------------------------------------------------------------------------------
 
-    def check_access_sync(self) -> None:
-        """Called before mounting (no trio yet): the bucket exists and we may list and read it."""
+    def check_access_sync(self) -> str:
+        """Called before mounting (no trio yet): the bucket exists and we may list and read it.
+        Returns the server's `Server` header ("" if none), for warnings about known server bugs."""
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            r = self.client.head_bucket(Bucket=self.bucket)
             self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.opts.prefix, MaxKeys=1)
+            return str(r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("server", ""))
         except Exception as e:
             err = _translate(e, f"bucket {self.bucket}")
             if isinstance(err, NotFound):

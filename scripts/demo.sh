@@ -165,6 +165,9 @@ import socket, sys
 busy = []
 for port in map(int, sys.argv[1:]):
     with socket.socket() as s:
+        # As weed's listeners do (Go sets SO_REUSEADDR): connections of a server stopped less than a
+        # minute ago (TIME_WAIT) do not make its port busy, only a socket bound to it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -181,8 +184,20 @@ EOF
         printf '\n===== %s demo.sh start\n' "$(date '+%F %T')" >>"$WEED_LOG"
         local log_start
         log_start=$(stat -c %s "$WEED_LOG")
+        # SeaweedFS's empty-folder cleaner can delete a file written where a directory of the same
+        # name was emptied minutes before (README, "SeaweedFS"); a delay that never passes turns it
+        # off. With a filer.toml weed does not pick its default metadata store, so it is named here
+        # (the same directory as the default, so an older demo's data is kept).
+        cat >"$DEMO/s3/filer.toml" <<EOF
+[filer.options]
+s3.empty_folder_cleanup_delay = "876000h"
+
+[leveldb2]
+enabled = true
+dir = "$DEMO/s3/filerldb2"
+EOF
         # setsid: the server outlives this script and the terminal it ran in.
-        setsid "$VENV/bin/weed" mini -dir="$DEMO/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -bucket="$BUCKET" \
+        setsid "$VENV/bin/weed" -config_dir="$DEMO/s3" mini -dir="$DEMO/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -bucket="$BUCKET" \
             -master.telemetry=false -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 \
             -master.port=$MASTER_PORT -volume.port=$VOLUME_PORT -filer.port=$FILER_PORT -s3.port=$S3_PORT \
             -admin.port=$ADMIN_PORT </dev/null >>"$WEED_LOG" 2>&1 &

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import stat
@@ -514,3 +515,12 @@ def test_without_foreground_it_returns_once_mounted_and_serves_in_the_background
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
     assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 30), "daemon exits after unmount"
+
+
+def test_mount_warns_when_the_server_is_seaweedfs(mounted: Mount) -> None:
+    """SeaweedFS's empty-folder cleaner can delete acknowledged objects (bench/seaweedfs_folder_cleaner.py);
+    the admin is told at mount, with the server's own version string."""
+    log = mounted.log_text()
+    assert re.search(
+        r"WARNING s3cachefs\.mount: the S3 server is SeaweedFS \S+ [\d.]+: unless its empty-folder", log
+    ), log
