@@ -14,6 +14,7 @@ Order matters and is chosen so that a mount never appears unless it can work:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -135,6 +136,26 @@ def _check_identity(index: Index, config: Config) -> None:
         raise ConfigError(
             f"cache dir {config.cache_dir}: holds the cache of {have}, not of {ident}; use another --cache-dir"
         )
+
+
+# glibc's mallopt parameter number for the arena cap (malloc.h: M_ARENA_MAX).
+_M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def _limit_malloc_arenas() -> None:
+    """glibc gives a thread that finds the malloc lock taken an arena of its own, up to 8 per core,
+    and memory freed into one arena is not reused by another. Our worker threads (S3 calls, file
+    I/O) take turns, so with many arenas the daemon's RSS creeps up for a long time before it
+    levels off. Two arenas keep it near what is in use (bench/soak.py, README "Memory"). Set before
+    any worker thread exists; MALLOC_ARENA_MAX in the environment, read by glibc itself, wins."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc (musl has no arenas to cap)
+    mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
 
 def _check_s3(config: Config) -> None:
@@ -281,6 +302,7 @@ async def _serve(parts: _Parts, config: Config) -> bool:
 def run(config: Config) -> int:
     # Everything we create (cache files, index, logs) is for this process only: 0600 files, 0700 dirs.
     os.umask(0o077)
+    _limit_malloc_arenas()
     _setup_logging(config, daemon=False)
     try:
         st = _check_mountpoint(config.mountpoint)
