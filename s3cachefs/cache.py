@@ -85,31 +85,46 @@ LOW_WATERMARK = 0.9
 
 # A large download is hashed in steps of this size as its bytes become contiguous.
 HASH_STEP = 1024 * 1024
+# The first range of a large cold object (see Cache._transfer).
+FIRST_RANGE = 256 * 1024
 
 
 @dataclass(eq=False)
 class Download:
-    """One cold file coming in from S3, shared by all its readers (see Cache.open_download)."""
+    """One cold file coming in from S3, shared by all its readers (see Cache.open_download).
+
+    A small object is one GET. A large one is a short first range, then parts of part_size, in
+    parallel: part i covers [ends[i-1], ends[i]) (part 0 starts at 0). The layout is known once the
+    first response gives the object's size (plan)."""
 
     ino: int
     tmp: str
     fd: int
     size: int  # the index's idea of the size, until the first response tells
     part_size: int
+    received: list[int] = field(default_factory=lambda: [0])  # bytes in, per part
+    ends: list[int] = field(default_factory=list)
     users: int = 0
-    received: list[int] = field(default_factory=lambda: [0])
     available: int = 0  # bytes from offset 0 that are all on disk
-    nparts: int = 1
     done: bool = False
     error: BaseException | None = None
     inline: Node | None = None
     changed: trio.Event = field(default_factory=trio.Event)
 
-    def plan(self, total: int) -> None:
+    def plan(self, total: int, first: int | None) -> None:
+        """The part layout for an object of `total` bytes: one part (first None), or a first range
+        of `first` bytes and then parts of part_size."""
         self.size = total
-        self.nparts = max(1, -(-total // self.part_size)) if total > self.part_size else 1
-        self.received += [0] * (self.nparts - len(self.received))
+        ends = [total if first is None else min(first, total)]
+        while ends[-1] < total:
+            ends.append(min(ends[-1] + self.part_size, total))
+        self.ends = ends
+        self.received += [0] * (len(ends) - len(self.received))
         self._recount()
+
+    @property
+    def nparts(self) -> int:
+        return max(1, len(self.ends))
 
     def progress(self, part: int, n: int) -> None:
         self.received[part] = n
@@ -117,10 +132,12 @@ class Download:
 
     def _recount(self) -> None:
         avail = 0
+        start = 0
         for i, n in enumerate(self.received):
             avail += n
-            if i == len(self.received) - 1 or n < self.part_size:
+            if i >= len(self.ends) or n < self.ends[i] - start:
                 break
+            start = self.ends[i]
         if avail != self.available:
             self.available = avail
             self._wake()
@@ -557,11 +574,14 @@ class Cache:
         if node.size <= part:
             # Small (most media): exactly one GET, no Range header, hashed as it streams.
             r = await self.s3.get_range(key, d.fd, 0, None, lambda n: d.progress(0, n))
-            d.plan(r.total)
+            d.plan(r.total, None)
             md5 = r.md5
         else:
-            r = await self.s3.get_range(key, d.fd, 0, part - 1, lambda n: d.progress(0, n))
-            d.plan(r.total)
+            # A short first range: its bytes come back sooner than a whole part's (SeaweedFS: 10.3 ms
+            # for 128 KiB, 14.0 ms for 8 MiB), and it tells the size and ETag the other parts need.
+            first = min(FIRST_RANGE, part)
+            r = await self.s3.get_range(key, d.fd, 0, first - 1, lambda n: d.progress(0, n))
+            d.plan(r.total, first)
             # The rest in parallel ranged GETs, started in order (the limiter is FIFO), so a
             # sequential reader finds the next part already on its way: that is the read-ahead.
             limiter = trio.CapacityLimiter(self.limits.read_concurrency)
@@ -580,10 +600,8 @@ class Cache:
 
             async def fetch_part(i: int) -> None:
                 async with limiter:
-                    start = i * part
-                    end = min(start + part, r.total) - 1
                     await self.s3.get_range(
-                        key, d.fd, start, end, lambda n: d.progress(i, n), if_match=r.etag
+                        key, d.fd, d.ends[i - 1], d.ends[i] - 1, lambda n: d.progress(i, n), if_match=r.etag
                     )
 
             with first_error():

@@ -463,6 +463,7 @@ class S3:
 
         token = trio.lowlevel.current_trio_token()
         got = 0
+        log.debug("GET %s bytes=%s-%s", key, start, "" if end is None else end)
 
         def fn() -> RangeResult:
             nonlocal got

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,14 +131,36 @@ def test_readers_are_served_only_bytes_that_are_contiguous_from_the_start(tmp_pa
 
     fd = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT)
     d = Download(ino=1, tmp=str(tmp_path / "x"), fd=fd, size=10, part_size=4)
-    d.plan(10)
-    assert d.nparts == 3
-    d.progress(0, 4)
-    d.progress(2, 2)  # a later part arrived first: a reader of bytes 4-9 must still wait
-    assert d.available == 4
+    d.plan(10, first=2)  # a short first range, then parts of 4: [0,2) [2,6) [6,10)
+    assert d.ends == [2, 6, 10]
+    d.progress(0, 1)
+    assert d.available == 1
+    d.progress(0, 2)
+    d.progress(2, 4)  # a later part arrived first: a reader of bytes 2-9 must still wait
+    assert d.available == 2
+    d.progress(1, 3)
+    assert d.available == 5
     d.progress(1, 4)
     assert d.available == 10
     os.close(fd)
+
+
+def test_a_large_cold_file_starts_with_a_short_range_and_arrives_whole(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    """The first GET of a large cold object asks for FIRST_RANGE bytes only (its first bytes come
+    back sooner); the parts after it still add up to the whole object, byte for byte."""
+    from s3cachefs.cache import FIRST_RANGE
+
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    key = "remote_content/ex.org/ab/cd/large"
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    m = make_mount(bucket=bucket, extra_args=["--read-part-size", "1M", "--log-level", "debug"])
+    with open(m.path / key, "rb") as f:
+        assert f.read(4096) == data[:4096]
+        assert f.read() == data[4096:]
+    ranges = re.findall(r"GET \S*large bytes=(\d+)-(\d+)", m.log_text())
+    assert ranges[0] == ("0", str(FIRST_RANGE - 1)), ranges
 
 
 def test_a_missing_name_can_be_created_at_once_despite_the_negative_cache(mounted: Mount) -> None:
