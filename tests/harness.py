@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import json
 import os
 import random
 import re
@@ -740,6 +741,20 @@ class MakeMount(Protocol):
         server: S3Server | None = None,
         start: bool = True,
     ) -> Mount: ...
+
+
+def mount_status(m: Mount) -> dict[str, object]:
+    """`s3cachefs status MOUNTPOINT --json` of this mount (the daemon's last saved counters)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "s3cachefs.cli", "status", str(m.path), "--json"],
+        env=m.server.env() | {"PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(r.stdout)
+    return result
 
 
 def files_under(root: Path) -> Iterable[Path]:

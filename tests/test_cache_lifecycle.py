@@ -7,10 +7,8 @@ S3 server with an injected clock instead of sleeping for days.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +21,16 @@ from s3cachefs.config import DEFAULT_POLICIES, PathPolicy, S3Options
 from s3cachefs.index import ROOT_INO, Index, State
 from s3cachefs.s3 import S3
 
-from .harness import REPO_ROOT, MakeMount, Mount, S3Server, bucket_objects, dir_bytes, files_under, wait_until
+from .harness import (
+    MakeMount,
+    Mount,
+    S3Server,
+    bucket_objects,
+    dir_bytes,
+    files_under,
+    mount_status,
+    wait_until,
+)
 from .test_mount import store_like_synapse
 
 if TYPE_CHECKING:
@@ -46,20 +53,6 @@ def downloads_in_flight(m: Mount) -> bool:
     return any(p.name.startswith("get-") for p in files_under(m.cache_dir / "tmp"))
 
 
-def status(m: Mount) -> dict[str, object]:
-    env = m.server.env() | {"PYTHONPATH": str(REPO_ROOT)}
-    r = subprocess.run(
-        [sys.executable, "-m", "s3cachefs.cli", "status", str(m.path), "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    result: dict[str, object] = json.loads(r.stdout)
-    return result
-
-
 def test_cache_stays_under_its_cap_while_five_times_the_cap_is_written_and_read(
     make_mount: MakeMount,
 ) -> None:
@@ -77,8 +70,8 @@ def test_cache_stays_under_its_cap_while_five_times_the_cap_is_written_and_read(
         assert dir_bytes(m.cache_dir / "data") <= cap
     # Counters reach the index every few seconds. Every file admitted beyond the 8 that fit under
     # the cap (uploads, then downloads of the evicted ones) must have been evicted again.
-    assert wait_until(lambda: status(m)["uploads"] == len(files), 15), status(m)
-    s = {k: int(str(v)) for k, v in status(m).items() if k in ("uploads", "misses", "evictions")}
+    assert wait_until(lambda: mount_status(m)["uploads"] == len(files), 15), mount_status(m)
+    s = {k: int(str(v)) for k, v in mount_status(m).items() if k in ("uploads", "misses", "evictions")}
     assert s["misses"] >= len(files) - 8, s
     assert s["evictions"] >= s["uploads"] + s["misses"] - 8, s
 
@@ -135,7 +128,7 @@ def test_url_cache_files_never_reach_the_bucket_and_survive_a_remount(
     m.start()
     assert (m.path / preview).read_bytes() == b"<html>preview</html>"
     assert (m.path / thumb).read_bytes() == b"thumbnail"
-    assert status(m)["local_only_files"] == 2
+    assert mount_status(m)["local_only_files"] == 2
     os.remove(m.path / preview)  # Synapse's URL-cache expiry
     assert not (m.path / preview).exists()
 
@@ -347,7 +340,7 @@ def test_a_damaged_cached_copy_is_dropped_and_fetched_again(make_mount: MakeMoun
         f.write(bytes([byte[0] ^ 0xFF]))
     m.start()
     assert (m.path / "local_content/ab/cd/x").read_bytes() == data
-    assert wait_until(lambda: status(m)["damaged_refetched"] == 1, 15), status(m)
+    assert wait_until(lambda: mount_status(m)["damaged_refetched"] == 1, 15), mount_status(m)
 
 
 def test_kill_9_during_an_upload_leaves_the_object_whole_or_absent(
@@ -414,13 +407,15 @@ def test_status_shows_a_running_mount_and_its_cache(make_mount: MakeMount) -> No
     m = make_mount(extra_args=["--cache-size", "64M"])
     store_like_synapse(m.path / "local_content/ab/cd/x", os.urandom(100_000))
     (m.path / "local_content/ab/cd/x").read_bytes()
-    assert wait_until(lambda: status(m)["uploads"] == 1, 15), "counters are saved every few seconds"
-    s = status(m)
+    assert wait_until(lambda: mount_status(m)["uploads"] == 1, 15), "counters are saved every few seconds"
+    s = mount_status(m)
     assert s["pid"] == (m.proc.pid if m.proc else None)
     assert (s["cap_bytes"], s["cached_files"], s["cached_bytes"]) == (64 * MiB, 1, 100_000)
     assert s["pending_upload_files"] == 0
     m.unmount()
-    s = status(Mount(m.server, m.bucket, m.cache_dir, m.cache_dir, m.log_path))  # by cache dir, no daemon
+    s = mount_status(
+        Mount(m.server, m.bucket, m.cache_dir, m.cache_dir, m.log_path)
+    )  # by cache dir, no daemon
     assert s["pid"] is None and s["cached_files"] == 1
 
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +15,15 @@ from typing import TYPE_CHECKING
 import pytest
 
 from .faultproxy import FaultProxy
-from .harness import REPO_ROOT, MakeMount, Mount, S3Server, TcpForwarder, files_under, wait_until
+from .harness import (
+    MakeMount,
+    Mount,
+    S3Server,
+    TcpForwarder,
+    files_under,
+    mount_status,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -30,17 +35,7 @@ def s3_calls(m: Mount) -> dict[str, int]:
     """The daemon's S3 call counters, saved on demand (SIGUSR1) and read with `s3cachefs status`."""
 
     def status() -> dict[str, object]:
-        env = m.server.env() | {"PYTHONPATH": str(REPO_ROOT)}
-        r = subprocess.run(
-            [sys.executable, "-m", "s3cachefs.cli", "status", str(m.path), "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        result: dict[str, object] = json.loads(r.stdout)
-        return result
+        return mount_status(m)
 
     before = int(str(status()["saves"]))
     assert m.proc is not None
