@@ -9,6 +9,10 @@ bucket (the stat tree is one shared bucket that every system only reads):
   boto3      put_object / get_object / download_file: the S3 limit
   local      a directory on the same disk (writes fsynced): the disk limit
 
+and, whenever s3cachefs runs, two floors that are not contenders: bench/pyfuse3_floor.py (a pyfuse3
+filesystem that answers from memory; hot reads and stat) and bench/pyfuse3_s3_floor.py (the thinnest
+write-through S3 layer in pyfuse3 + trio + boto3; small writes and cold small reads).
+
 Workloads (each system, --runs times, medians reported; latencies as p50/p90 over all runs):
   small       N Synapse media files (an original of ~200 KiB and 5 thumbnails of 5-100 KiB per item,
               fixed seed) written at local_content/AA/BB/REST and local_thumbnails/... with makedirs +
@@ -79,6 +83,7 @@ from compare_systems import (  # noqa: E402
     FloorSystem,
     MountSystem,
     S3cachefsSystem,
+    S3FloorSystem,
     System,
     SystemError_,
     _fs_type,
@@ -192,6 +197,8 @@ class Results:
     values: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     failed: dict[tuple[str, str], str] = field(default_factory=dict)  # (workload, system) -> reason
     cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # phase -> system -> daemon CPU s
+    # phase -> FUSE requests the S3 floor served per file, by operation, one dict per run
+    requests: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def add(self, metric: str, system: str, value: Any) -> None:
@@ -614,6 +621,7 @@ class Bench:
         self.stat_items: list[tuple[str, int]] = []
         self.weed_pid: int | None = None
         self.floor = FloorSystem(self.server, workdir)
+        self.s3floor: S3FloorSystem | None = None  # measured with the systems on small_write, cold_small
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -633,6 +641,9 @@ class Bench:
                 continue
             system.prepare()
             self.systems.append(system)
+        if "s3cachefs" in self.args.only and {"small", "cold_small"} & set(self.args.workloads):
+            self.s3floor = S3FloorSystem(self.server, self.workdir)
+            self.s3floor.prepare()
         if "stat" in self.args.workloads:
             self.stat_items = stat_tree(self.args.seed + 7, self.sizes.stat_files)
             if any(s.s3_backed for s in self.systems):
@@ -654,8 +665,10 @@ class Bench:
                 log(f"!! {s.name}: clean stop failed ({e}); killing it")
             with contextlib.suppress(Exception):
                 s.kill()
-        with contextlib.suppress(Exception):
-            self.floor.kill()
+        for floor in (self.floor, self.s3floor):
+            with contextlib.suppress(Exception):
+                if floor is not None:
+                    floor.kill()
         with contextlib.suppress(Exception):
             self.server.stop()
 
@@ -716,8 +729,14 @@ class Bench:
         key_a = f"local_content/LA/RG/large{run:02d}{'x' * 16}"
         key_b = f"remote_content/example.org/LA/RG/large{run:02d}{'y' * 16}"
 
-        def each(workload: str, fn: Callable[[System], None], drop: bool = False) -> None:
-            for system in order:
+        # The S3 floor takes its turn right after s3cachefs, in the two phases it is measured on.
+        at = next((i + 1 for i, s in enumerate(order) if s.name == "s3cachefs"), len(order))
+        with_floor = order[:at] + ([self.s3floor] if self.s3floor is not None else []) + order[at:]
+
+        def each(
+            workload: str, fn: Callable[[System], None], drop: bool = False, systems: list[System] = order
+        ) -> None:
+            for system in systems:
                 if (workload, system.name) in self.res.failed:
                     continue
                 if drop:
@@ -728,7 +747,7 @@ class Bench:
         # Every system starts from an empty cache; idle mounts stay up while the others are measured.
         live = [w for w in wl if w != "stat"]
         if live:
-            for system in order:
+            for system in with_floor:
                 if not system.s3_backed:
                     continue
                 try:
@@ -738,7 +757,8 @@ class Bench:
                         self.res.fail(w, system.name, f"could not start: {e}")
         if small:
             log(f"--- run {run}: small writes, then hot small reads")
-            each("small", lambda s: self.small_write(s, small, run))
+            write = self.counting("small_write", len(small), lambda s: self.small_write(s, small, run))
+            each("small", write, systems=with_floor)
             each("small", lambda s: self.small_hot(s, small, run))
             self.floor_phase("hot small reads", lambda: self.floor_hot(len(small)))
         if large_a:
@@ -747,15 +767,19 @@ class Bench:
             each("large", lambda s: self.large_hot(s, key_a, large_a, run))
         if cold or large_a or large_b:
             log(f"--- run {run}: cold reads (objects put, caches emptied)")
-            for system in order:
-                self.prepare_cold(system, cold, key_a, large_a, key_b, large_b)
+            for system in with_floor:
+                big = system is not self.s3floor  # the floor is for small files only
+                self.prepare_cold(
+                    system, cold, key_a, large_a if big else b"", key_b, large_b if big else b""
+                )
             if cold:
-                each("cold_small", lambda s: self.cold_small(s, cold, run), drop=True)
+                read = self.counting("cold_small", len(cold), lambda s: self.cold_small(s, cold, run))
+                each("cold_small", read, drop=True, systems=with_floor)
             if large_a:
                 each("large", lambda s: self.large_cold(s, key_a, large_a, run), drop=True)
             if large_b:
                 each("concurrent", lambda s: self.concurrent(s, key_b, large_b, run), drop=True)
-        for system in order:
+        for system in with_floor:
             if isinstance(system, MountSystem):
                 try:
                     system.stop()
@@ -775,7 +799,21 @@ class Bench:
                     for child in system.workdir.glob("cache-*"):
                         shutil.rmtree(child, ignore_errors=True)
 
-    # the pyfuse3 floor ----------------------------------------------------------------------------
+    # the pyfuse3 floors ---------------------------------------------------------------------------
+
+    def counting(self, phase: str, files: int, fn: Callable[[System], None]) -> Callable[[System], None]:
+        """fn; around it, for the S3 floor, the FUSE requests it served during fn (per file)."""
+
+        def run(system: System) -> None:
+            floor = self.s3floor
+            if floor is None or system is not floor:
+                return fn(system)
+            floor.requests()  # what came before (the untimed warm-up) is not counted
+            fn(system)
+            counts = floor.requests()
+            self.res.requests.setdefault(phase, []).append({k: n / files for k, n in sorted(counts.items())})
+
+        return run
 
     def floor_phase(self, what: str, fn: Callable[[], None]) -> None:
         """Measure bench/pyfuse3_floor.py (a no-op pyfuse3 filesystem) the way the systems are measured."""
@@ -1234,6 +1272,7 @@ def target_context(res: Results, metric: str) -> str:
                 f"per file p50: s3cachefs {fmt(whole)} ms (of which close() {fmt(c)} ms), "
                 f"boto3 put_object {fmt(put)} ms"
             )
+        parts += s3_floor_context(res, metric, "one put_object per close()", "sw_file_ms")
     elif metric == "sh_fps":
         floor, peer = (
             S("sh_fps", "pyfuse3-floor"),
@@ -1255,6 +1294,7 @@ def target_context(res: Results, metric: str) -> str:
                 f"p50: s3cachefs first read() {fmt(first)} ms (p90 {fmt(P('sc_first_ms', 's3cachefs'))}), "
                 f"boto3 get_object {fmt(get)} ms (p90 {fmt(P('sc_ms', 'boto3'))})"
             )
+        parts += s3_floor_context(res, metric, "one get_object per open()", "sc_ms")
     elif metric == "lc_MBps":
         stream = S("lcs_MBps", "boto3")
         if stream is not None:
@@ -1264,6 +1304,17 @@ def target_context(res: Results, metric: str) -> str:
         if b is not None:
             parts.append(f"boto3 get_object after the same page-cache drop: {fmt(b)} ms to its first 64 KiB")
     return "; ".join(parts)
+
+
+def s3_floor_context(res: Results, metric: str, what: str, per_file: str) -> list[str]:
+    floor, ref, ours = (res.summary(metric, n) for n in (S3FloorSystem.name, "boto3", "s3cachefs"))
+    if floor is None or ref is None or ours is None:
+        return []
+    return [
+        f"the write-through pyfuse3 + trio + boto3 floor (bench/pyfuse3_s3_floor.py: {what}, nothing else) "
+        f"reaches {fmt(floor)} files/s = {floor / ref:.2f}x the reference (s3cachefs {ours / ref:.2f}x, "
+        f"= {ours / floor:.2f}x the floor); floor per file p50 {fmt(res.summary(per_file, S3FloorSystem.name))} ms"
+    ]
 
 
 def evaluate_targets(res: Results, names: list[str]) -> list[list[str]]:
@@ -1312,19 +1363,39 @@ def _verdicts(res: Results, names: list[str]) -> list[list[str]]:
     return rows
 
 
+FLOORS = {FloorSystem.name: "pyfuse3 no-op floor", S3FloorSystem.name: "pyfuse3 S3 floor"}
+
+
 def floor_table(res: Results, names: list[str]) -> str:
     rows = []
-    for key in ("sh_fps", "sh_ms", "st3_ps"):
+    cols = [*FLOORS, *(n for n in ("s3cachefs", "rclone", "s3fs", "boto3", "local") if n in names)]
+    for key in ("sh_fps", "sh_ms", "st3_ps", "sw_fps", "sw_file_ms", "sw_close_ms", "sc_fps", "sc_ms"):
         m = METRIC[key]
-        if res.summary(key, "pyfuse3-floor") is None:
+        if all(res.summary(key, f) is None and not res.is_failed(key, f) for f in FLOORS):
             continue
-        cols = [n for n in ("s3cachefs", "rclone", "s3fs", "local") if n in names]
         unit = f"{m.unit} p50 / p90" if m.samples else m.unit
-        rows.append([m.label, unit, cell(res, m, "pyfuse3-floor"), *(cell(res, m, n) for n in cols)])
+        rows.append([m.label, unit, *(cell(res, m, n) for n in cols)])
+        ref = res.summary(key, "boto3") if key in ("sw_fps", "sc_fps") else None
+        if ref is not None:
+            ratios = [res.summary(key, n) for n in cols]
+            rows.append([f"{m.label} / boto3's", "x", *(f"{r / ref:.2f}x" if r else "–" for r in ratios)])
     if not rows:
         return ""
-    cols = [n for n in ("s3cachefs", "rclone", "s3fs", "local") if n in names]
-    return md_table(["metric", "unit", "pyfuse3 no-op floor", *cols], rows)
+    return md_table(["metric", "unit", *(FLOORS.get(n, n) for n in cols)], rows)
+
+
+def requests_table(res: Results) -> str:
+    """The FUSE requests the S3 floor served per file (median over runs), by operation, and its ms."""
+    if not res.requests:
+        return ""
+    ops = sorted(
+        {op for runs in res.requests.values() for c in runs for op in c}, key=lambda op: ("ms" in op, op)
+    )
+    rows = [
+        [phase, *(fmt(statistics.median(c.get(op, 0.0) for c in runs)) for op in ops)]
+        for phase, runs in res.requests.items()
+    ]
+    return md_table(["phase", *ops], rows)
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -1440,6 +1511,12 @@ Workloads, per system and run:
   is mounted for a moment and measured with the same client code: 3 passes of hot reads of 100 KiB
   files whose names were stat'ed first, and one stat pass after dropping dentries over paths of the
   stat tree's shape. It is not a contender: it shows what any pyfuse3 + trio daemon can reach here.
+- **pyfuse3 S3 floor** (whenever s3cachefs is measured): `bench/pyfuse3_s3_floor.py`, its own bucket,
+  takes its turn right after s3cachefs in the small writes and the cold small reads, measured exactly
+  as the systems are. It lists its bucket once at mount (lookups of known names make no request),
+  keeps a file being written in memory and PUTs it once in close() (close() returns after the PUT), and
+  GETs a whole object in open() for reading; s3cachefs's boto3 client and limiter, no Content-MD5, no
+  check of what came back, no disk, no index. It counts the FUSE requests it serves, per operation.
 
 Every read is compared byte for byte with what was written (reads land in a preallocated buffer, the
 comparison happens outside the timing); every stat checks the size. A system that returns wrong bytes, loses
@@ -1506,10 +1583,21 @@ def report(bench: Bench, started: float, load_before: str, load_after: str, cmdl
     if floor:
         lines += [
             "The floor of a Python FUSE daemon on this machine: `bench/pyfuse3_floor.py`, a pyfuse3 + trio "
-            "filesystem whose handlers answer from memory and do nothing else, measured in the same run "
-            "with the same client code:",
+            "filesystem whose handlers answer from memory and do nothing else, and `bench/pyfuse3_s3_floor.py`, "
+            "the thinnest write-through S3 layer in pyfuse3 + trio + boto3 (one put_object per close(), one "
+            "get_object per open(), names from one listing at mount), measured in the same run with the same "
+            "client code:",
             "",
             floor,
+            "",
+        ]
+    if res.requests:
+        lines += [
+            "FUSE requests per file that the S3 floor served, and its milliseconds per file inside boto3 "
+            "calls and around them (trio.to_thread: the boto3 call and both thread hops); medians over "
+            "runs; the cold reads follow a drop of the kernel's dentries, as for every system:",
+            "",
+            requests_table(res),
             "",
         ]
     if res.failed:
@@ -1661,6 +1749,7 @@ def main(argv: list[str] | None = None) -> int:
                 "values": bench.res.values,
                 "failed": {f"{s}/{w}": why for (w, s), why in bench.res.failed.items()},
                 "cpu": bench.res.cpu,
+                "s3_floor_requests_per_file": bench.res.requests,
                 "machine": machine(),
                 "versions": versions(bench.systems),
                 "s3cachefs_uncommitted_diff": next(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -455,6 +456,39 @@ class FloorSystem(MountSystem):
 
     def command(self, bucket: str) -> list[str]:
         return [sys.executable, str(Path(__file__).resolve().parent / "pyfuse3_floor.py"), str(self.mnt)]
+
+
+class S3FloorSystem(MountSystem):
+    """bench/pyfuse3_s3_floor.py: a write-through pyfuse3 + trio + boto3 filesystem with nothing else,
+    one PUT per close(), one GET per open (not a contender; the floor of such a design)."""
+
+    name = "pyfuse3-s3-floor"
+    role = "limit"
+
+    def command(self, bucket: str) -> list[str]:
+        floor = Path(__file__).resolve().parent / "pyfuse3_s3_floor.py"
+        return [sys.executable, str(floor), bucket, str(self.mnt), self.server.endpoint_url, TEST_REGION]
+
+    def env(self) -> dict[str, str]:
+        return {**self.server.env(), "PYTHONUNBUFFERED": "1"}
+
+    def requests(self, timeout: float = 10.0) -> dict[str, float]:
+        """The FUSE requests it served since the previous call, by operation, and its ms in boto3 calls
+        (it prints them on SIGUSR1)."""
+        before = self.new_log().count("\nrequests ")
+        pid = self.pid()
+        if pid is None:
+            raise SystemError_(f"{self.name} is not running")
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while (
+            len(printed := self.new_log().split("\nrequests ")[1:]) <= before or "\n" not in printed[before]
+        ):
+            if time.monotonic() > deadline:
+                raise SystemError_(f"{self.name} printed no request counts within {timeout:.0f}s")
+            time.sleep(0.02)
+        counts: dict[str, float] = json.loads(printed[before].splitlines()[0])
+        return counts
 
 
 ALL_SYSTEMS: dict[str, type[System]] = {
