@@ -710,7 +710,8 @@ class Cache:
         prev = (node.size, node.etag) if node.state in (State.REMOTE, State.CACHED) and node.etag else None
         was_cached = node.state == State.CACHED
         try:
-            self.index.set_state(node.ino, State.WRITING)
+            if node.state != State.WRITING:  # a row made by create() is WRITING already: no commit
+                self.index.set_state(node.ino, State.WRITING)
         except BaseException:
             os.close(fd)
             os.unlink(path)
