@@ -51,6 +51,11 @@ def main() -> int:
         default=os.environ.get("S3CACHEFS_MODEL_AVOID", ""),
         help=f"comma-separated known bugs to steer around: {', '.join(sorted(KNOWN_BUGS))}",
     )
+    ap.add_argument(
+        "--read-part-size",
+        default="64K",
+        help="the mount's --read-part-size (default 64K: parts of big files)",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="default: a new temporary directory")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, caches)")
     args = ap.parse_args()
@@ -71,7 +76,7 @@ def main() -> int:
     except HarnessError as e:
         print(f"model_long: {e}", file=sys.stderr)
         return 2
-    env = Env(server, workdir, Tuning(avoid=avoid))
+    env = Env(server, workdir, Tuning(avoid=avoid, read_part_size=args.read_part_size))
     machine = machine_for(env)
     batch = settings(
         max_examples=args.batch,

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import Mount, S3Server, wait_until
-from tests.model import MOUNT_ARGS
+from tests.model import MOUNT_ARGS, Tuning
 
 
 def payload(size: int, seed: int) -> bytes:
@@ -47,7 +47,7 @@ def main() -> int:
         path=base / "mnt",
         cache_dir=base / "cache",
         log_path=base / "mount.log",
-        extra_args=["--cache-size", "1048576", *MOUNT_ARGS],
+        extra_args=["--cache-size", "1048576", "--read-part-size", Tuning().read_part_size, *MOUNT_ARGS],
     )
     m.start()
     s3 = server.client()

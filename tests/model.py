@@ -73,7 +73,6 @@ BIG_MIN, BIG_MAX = 5 * 1024 * 1024, 11 * 1024 * 1024
 # names, which no rule uses for a directory.
 BIG_NAMES = ("big0", "big1")
 MOUNT_ARGS = (
-    "--read-part-size", "64K",
     "--multipart-threshold", "5M",
     "--multipart-chunksize", "5M",
 )  # fmt: skip
@@ -311,6 +310,9 @@ class Tuning:
     filler_gap: int = 10  # at least this many steps between two filler writes
     check_gap: int = 10  # at least this many steps between two check_all (every example ends with one)
     cache_size: int = CACHE_SIZE
+    # Cold reads of big files are parallel ranged GETs of this size (after a first range of at most
+    # 256 KiB, cache.FIRST_RANGE, which equals a part at this default).
+    read_part_size: str = "64K"
     big_gap: int = 50  # at least this many steps between two big (multipart) writes
     fresh_every: int = 500  # a fresh bucket, cache and mount after this many examples anyway
     avoid: frozenset[str] = field(default_factory=_avoid_from_env)  # names from KNOWN_BUGS
@@ -382,7 +384,13 @@ class Env:
             path=d / "mnt",
             cache_dir=d / "cache",
             log_path=d / "mount.log",
-            extra_args=["--cache-size", str(self.tuning.cache_size), *MOUNT_ARGS],
+            extra_args=[
+                "--cache-size",
+                str(self.tuning.cache_size),
+                "--read-part-size",
+                self.tuning.read_part_size,
+                *MOUNT_ARGS,
+            ],
         )
         self.mount = m
         m.start()
