@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 
 _MOUNTS = pytest.StashKey[list[Mount]]()
 _SERVERS = pytest.StashKey[list[S3Server]]()
+_BUCKETS_BEFORE = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _SESSION_SERVER:
+        item.stash[_BUCKETS_BEFORE] = len(_SESSION_SERVER[0].buckets)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -42,14 +49,34 @@ def pytest_runtest_makereport(
     return report
 
 
+_SESSION_SERVER: list[S3Server] = []
+
+
 @pytest.fixture(scope="session")
 def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = S3Server(tmp_path_factory.mktemp("s3server"))
     server.start()
+    _SESSION_SERVER.append(server)
     try:
         yield server
     finally:
+        _SESSION_SERVER.remove(server)
         server.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    """Once the test's fixtures are torn down (its mounts unmounted), drop the buckets it made on the
+    session server, so that the server's volume slots last the whole session (S3Server.drop_buckets)."""
+    server = _SESSION_SERVER[0] if _SESSION_SERVER else None
+    keep = len(server.buckets) if server is not None else 0
+    # Buckets made during setup and the call are in the list by now; note where this test's start.
+    keep = item.stash.get(_BUCKETS_BEFORE, keep)
+    try:
+        return (yield)
+    finally:
+        if server is not None and server.running and not server.paused:
+            server.drop_buckets(keep)
 
 
 @pytest.fixture

@@ -228,6 +228,7 @@ class S3Server:
         self.ports: dict[str, int] = {}
         self.paused = False
         self._log_file: IO[bytes] | None = None
+        self.buckets: list[str] = []  # made by new_bucket(), oldest first
 
     # -- properties -------------------------------------------------------------------------------
 
@@ -280,7 +281,19 @@ class S3Server:
     def new_bucket(self) -> str:
         name = f"t{next(_bucket_counter)}-{uuid.uuid4().hex[:10]}"
         self.client().create_bucket(Bucket=name)
+        self.buckets.append(name)
         return name
+
+    def drop_buckets(self, keep: int) -> None:
+        """Delete the buckets made after the first `keep` (with their objects: weed allows it). Every
+        bucket is a collection with volumes of its own, and weed has only free disk / volume size of
+        them: a session that kept ~100 buckets ran out ("No writable volumes and no free volumes
+        left") on a disk with 9.8 GB free. Errors are ignored: this only frees room."""
+        client = self.client()
+        while len(self.buckets) > keep:
+            name = self.buckets.pop()
+            with contextlib.suppress(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+                client.delete_bucket(Bucket=name)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
