@@ -111,11 +111,8 @@ class Namespace:
         rel = self.index.relpath(ino)
         dir_prefix = self.prefix + (rel + "/" if rel else "")
         async for objs, prefixes in self.s3.list_pages(dir_prefix, delimiter="/"):
-            for p in prefixes:
-                name = p[len(dir_prefix) :].rstrip("/").encode("utf-8", "surrogateescape")
-                sane = name and name not in (b".", b"..") and len(name) <= NAME_MAX and b"/" not in name
-                if sane and self.index.lookup(ino, name) is None:
-                    self.index.add_dir(ino, name, complete=False)
+            # Files before directories: a key that is also a prefix ("a" and "a/b") is shown as the
+            # file, as the full listing shows it (it sees "a" before "a/b").
             for o in objs:
                 name = o.key[len(dir_prefix) :].encode("utf-8", "surrogateescape")
                 if split_key_path(o.key[len(dir_prefix) :]) is None or b"/" in name:
@@ -132,6 +129,11 @@ class Namespace:
                         self.cache.listing_gen,
                         self.cache.klass(rel).columns,
                     )
+            for p in prefixes:
+                name = p[len(dir_prefix) :].rstrip("/").encode("utf-8", "surrogateescape")
+                sane = name and name not in (b".", b"..") and len(name) <= NAME_MAX and b"/" not in name
+                if sane and self.index.lookup(ino, name) is None:
+                    self.index.add_dir(ino, name, complete=False)
         if self.index.get(ino) is not None:
             self.index.set_complete(ino)
 
