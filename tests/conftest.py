@@ -69,9 +69,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     """Once the test's fixtures are torn down (its mounts unmounted), drop the buckets it made on the
     session server, so that the server's volume slots last the whole session (S3Server.drop_buckets)."""
     server = _SESSION_SERVER[0] if _SESSION_SERVER else None
-    keep = len(server.buckets) if server is not None else 0
-    # Buckets made during setup and the call are in the list by now; note where this test's start.
-    keep = item.stash.get(_BUCKETS_BEFORE, keep)
+    # Where this test's buckets start (noted at setup; a test that started the session server
+    # keeps its own buckets).
+    keep = item.stash.get(_BUCKETS_BEFORE, len(server.buckets) if server is not None else 0)
     try:
         return (yield)
     finally:

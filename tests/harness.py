@@ -362,7 +362,6 @@ class S3Server:
         would fail our invariant checks for a reason outside the mount, so the test server never
         runs the cleaner unless asked. With a filer.toml weed does not pick its default store, so
         the same leveldb2 directory is named here."""
-        self.base_dir.mkdir(parents=True, exist_ok=True)
         (self.base_dir / "filer.toml").write_text(
             "[filer.options]\n"
             f's3.empty_folder_cleanup_delay = "{self.empty_folder_cleanup_delay}"\n\n'
