@@ -193,6 +193,14 @@ class Writer:
     was_cached: bool = False
     # Set while the last release settles the file (finish_write); new opens wait for it.
     closing: trio.Event | None = None
+    # The file's mtime from the moment the write began (a new file: its create() time) through the
+    # upload. It does not move at close(): the kernel compares every mtime we report with the one it
+    # holds and drops the inode's page cache when they differ (libfuse's auto_inval_data, which
+    # pyfuse3 leaves on), so a close-time mtime would throw away the pages just written.
+    mtime_ns: int = 0
+    # Another handle of the inode was open at some point during the write: its reads may have put
+    # bytes of another version into the kernel's page cache, so the last release drops it.
+    shared: bool = False
 
 
 @dataclass(eq=False)
@@ -693,6 +701,7 @@ class Cache:
                 self.truncated(w)
             return w
         self.content_replaced(node.ino)
+        shared = self.pins[node.ino] > 0
         path = self._tmp("put", node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -709,6 +718,8 @@ class Cache:
             raise
         prev = (node.size, node.etag) if node.state in (State.REMOTE, State.CACHED) and node.etag else None
         was_cached = node.state == State.CACHED
+        # A row made by create() a moment ago carries the create time the kernel already holds.
+        mtime_ns = node.mtime_ns if node.state == State.WRITING else time.time_ns()
         try:
             if node.state != State.WRITING:  # a row made by create() is WRITING already: no commit
                 self.index.set_state(node.ino, State.WRITING)
@@ -721,7 +732,15 @@ class Cache:
         # A local-only file has no other copy to go back to: its close always commits it again.
         dirty = truncate or prev is None
         w = self.writers[node.ino] = Writer(
-            node.ino, path, fd, prev, dirty=dirty, seq_end=os.fstat(fd).st_size, was_cached=was_cached
+            node.ino,
+            path,
+            fd,
+            prev,
+            dirty=dirty,
+            seq_end=os.fstat(fd).st_size,
+            was_cached=was_cached,
+            mtime_ns=mtime_ns,
+            shared=shared,
         )
         return w
 
@@ -786,7 +805,7 @@ class Cache:
             assert node is not None, "a written file's row is only removed by unlink, which sets w.unlinked"
             self.make_room(info.size)
             w.path = self._place(w.path, w.ino)
-            self._record(w.ino, State.CACHED, info.size, info.etag, info.md5)
+            self._record(w.ino, State.CACHED, info.size, info.etag, w.mtime_ns, info.md5)
             self._verified[w.ino] = True
             self.cached_bytes += info.size
             w.prev = (info.size, info.etag)
@@ -914,11 +933,13 @@ class Cache:
         self.stats["pipelined_uploads"] += 1
         return ObjectInfo(pl.mpu.key, size, etag, 0, pl.md5.hexdigest())
 
-    def _record(self, ino: int, state: State, size: int, etag: str | None, md5: str | None) -> None:
+    def _record(
+        self, ino: int, state: State, size: int, etag: str | None, mtime_ns: int, md5: str | None
+    ) -> None:
         """Record what S3 now holds, after a PUT or DELETE (see index_write)."""
 
         def record() -> None:
-            self.index.set_object(ino, state, size, etag, time.time_ns(), self.listing_gen)
+            self.index.set_object(ino, state, size, etag, mtime_ns, self.listing_gen)
             self.index.set_md5(ino, md5)
 
         self.index_write(record)
@@ -992,7 +1013,7 @@ class Cache:
         size = os.fstat(w.fd).st_size
         self.make_room(size)
         w.path = self._place(w.path, w.ino)
-        self.index.set_object(w.ino, State.LOCAL, size, None, time.time_ns(), self.listing_gen)
+        self.index.set_object(w.ino, State.LOCAL, size, None, w.mtime_ns, self.listing_gen)
         self.index.set_md5(w.ino, md5)
         self._verified[w.ino] = True
         self.cached_bytes += size
@@ -1020,6 +1041,13 @@ class Cache:
             finally:
                 w.closing.set()
         return removed
+
+    @staticmethod
+    def kernel_copy_current(w: Writer) -> bool:
+        """After finish_write: whether every page of the file the kernel may hold is the committed
+        version. Writes pass through the kernel's page cache (and a write-open drops what it held
+        before), so that holds unless the upload failed or other handles could read meanwhile."""
+        return w.committed and not w.dirty and not w.unlinked and not w.shared and w.failed is None
 
     def _retire(self, w: Writer) -> bool:
         # Files before the index: removing the staging file frees the space that the index update
@@ -1061,7 +1089,7 @@ class Cache:
         if w.unlinked:
             return
         w.path = self._place(w.path, w.ino)
-        self._record(w.ino, State.LOCAL, 0, None, EMPTY_MD5)
+        self._record(w.ino, State.LOCAL, 0, None, w.mtime_ns, EMPTY_MD5)
         self._verified[w.ino] = True
         self._committed(w, generation, 0)
 

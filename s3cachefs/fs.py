@@ -128,6 +128,7 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = ENTRY_TIMEOUT
         a.attr_timeout = ATTR_TIMEOUT
+        mtime = node.mtime_ns
         if node.is_dir:
             a.st_mode = stat.S_IFDIR | 0o755
             a.st_nlink = 2
@@ -137,11 +138,13 @@ class Operations(pyfuse3.Operations):
             a.st_nlink = 1
             w = self.cache.writers.get(node.ino)
             a.st_size = os.fstat(w.fd).st_size if w is not None else node.size
+            if w is not None:
+                mtime = w.mtime_ns
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_blksize = 128 * 1024
         a.st_blocks = (a.st_size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
         return a
 
     def _node(self, ino: int) -> Node:
@@ -218,6 +221,9 @@ class Operations(pyfuse3.Operations):
                         await self._end_write(w, node)
         if fields.update_mtime:
             self.index.set_mtime(inode, attr.st_mtime_ns)
+            w = self.cache.writers.get(inode)
+            if w is not None:  # or the upload would record the time its write began
+                w.mtime_ns = attr.st_mtime_ns
         # Mode and owner are mount-wide (--uid/--gid); chmod/chown succeed without being stored, as
         # on other S3 mounts, so that cp -p and rsync -a do not fail on them.
         return self._attr(self._node(inode))
@@ -327,6 +333,9 @@ class Operations(pyfuse3.Operations):
             # No download here: Synapse opens remote media and closes it unread when a client's
             # cached copy is still valid (HTTP 304); the first read() fetches.
             h.fd = self.cache.open_cached(node)
+            w = self.cache.writers.get(inode)
+            if w is not None:
+                w.shared = True
         fh = self._new_handle(h)
         # Keep the kernel's page cache across read-only opens: every change to a file goes through
         # this mount (and so through the kernel), and a write-open below drops it.
@@ -480,8 +489,12 @@ class Operations(pyfuse3.Operations):
 
     async def _end_write(self, w: Writer, node: Node | None) -> None:
         removed = await self.cache.finish_write(w)
-        # The kernel may hold pages of the version before (read through handles opened before the
-        # write) or, after a failed upload, the bytes and size of a write that S3 does not have.
+        if not removed and self.cache.kernel_copy_current(w):
+            # The usual case (Synapse writes a new file, then reads it back): the kernel's pages are
+            # the bytes S3 now holds, so the read-back comes from the page cache.
+            return
+        # The kernel may hold pages of another version (read through handles open during the write)
+        # or, after a failed upload, the bytes and size of a write that S3 does not have.
         await trio.to_thread.run_sync(_invalidate, w.ino, node if removed else None, limiter=self.limiter)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

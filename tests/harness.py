@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import itertools
 import json
+import mmap
 import os
 import random
 import re
@@ -867,3 +869,40 @@ class TcpForwarder:
                 continue
             threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, self.rate), daemon=True).start()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def pages_in_page_cache(path: Path) -> tuple[int, int]:
+    """(resident, total) pages of a file in the kernel's page cache, by mincore(2) on a mapping that
+    is never touched, so that asking does not read anything in."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        total = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        if total == 0:
+            return 0, 0
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            vec = (ctypes.c_ubyte * total)()
+            if _libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+            return sum(v & 1 for v in vec), total
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)

@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .harness import REPO_ROOT, MakeMount, Mount, S3Server, bucket_objects, dir_bytes, wait_until
+from .harness import (
+    REPO_ROOT,
+    MakeMount,
+    Mount,
+    S3Server,
+    bucket_objects,
+    dir_bytes,
+    pages_in_page_cache,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -163,18 +172,23 @@ def test_failed_upload_fails_close_and_leaves_nothing_in_the_bucket(
     assert s3.get_object(Bucket=m.bucket, Key=ORIGINAL)["Body"].read() == b"after the outage"
 
 
+@pytest.mark.parametrize("new_size", ["same", "other"])
 def test_failed_overwrite_keeps_serving_the_version_in_s3(
-    make_mount: MakeMount, own_s3server: S3Server
+    make_mount: MakeMount, own_s3server: S3Server, new_size: str
 ) -> None:
+    """Same size: only the mount's own invalidation keeps the kernel from serving the pages of the
+    write that failed (a size change makes the kernel drop them by itself)."""
     m = make_mount(server=own_s3server, extra_args=FAST_FAIL)
     path = m.path / ORIGINAL
-    store_like_synapse(path, b"version in S3")
+    old = os.urandom(200_000)
+    store_like_synapse(path, old)
+    assert path.read_bytes() == old
     own_s3server.kill()
     with pytest.raises(OSError):
-        store_like_synapse(path, b"new version that never made it")
+        store_like_synapse(path, os.urandom(len(old) if new_size == "same" else 300_000))
     own_s3server.start()
-    assert path.read_bytes() == b"version in S3"
-    assert own_s3server.client().get_object(Bucket=m.bucket, Key=ORIGINAL)["Body"].read() == b"version in S3"
+    assert path.read_bytes() == old
+    assert own_s3server.client().get_object(Bucket=m.bucket, Key=ORIGINAL)["Body"].read() == old
 
 
 # -- reads ------------------------------------------------------------------------------------------
@@ -186,6 +200,29 @@ def test_rereads_right_after_close_are_served_from_local_disk(mounted: Mount, s3
     with s3_paused(s3server):
         assert os.path.getsize(mounted.path / ORIGINAL) == len(data)
         assert read_like_pillow(mounted.path / ORIGINAL) == data
+
+
+def test_a_file_read_back_after_its_write_comes_from_the_kernels_page_cache(mounted: Mount) -> None:
+    """Synapse reads what it wrote at once (thumbnailing): the pages written stay in the kernel's page
+    cache across close(), so that read needs no FUSE request. That holds only while the mtime the
+    mount reports does not move at close: the kernel drops an inode's pages when it does."""
+    path = mounted.path / ORIGINAL
+    data = os.urandom(2 * 1024 * 1024)
+    os.makedirs(path.parent)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        mtime_while_written = os.fstat(f.fileno()).st_mtime_ns
+    assert os.stat(path).st_mtime_ns == mtime_while_written
+    resident, total = pages_in_page_cache(path)
+    assert (resident, total) == (512, 512)
+    assert path.read_bytes() == data
+    # A remount (a new kernel inode, filled from the index) shows the same mtime.
+    mounted.unmount()
+    mounted.start()
+    assert os.stat(path).st_mtime_ns == mtime_while_written
+    assert pages_in_page_cache(path) == (0, 512)
+    assert path.read_bytes() == data
 
 
 def test_read_after_the_cache_is_wiped_fetches_from_s3(make_mount: MakeMount) -> None:
