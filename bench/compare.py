@@ -1299,11 +1299,29 @@ def target_context(res: Results, metric: str) -> str:
         stream = S("lcs_MBps", "boto3")
         if stream is not None:
             parts.append(f"boto3 one get_object stream: {fmt(stream)} MB/s")
+        ours, ref = phase_cpu(res, "large_cold", "s3cachefs"), phase_cpu(res, "large_cold", "boto3")
+        if have(ours, ref):
+            assert ours is not None and ref is not None
+            parts.append(
+                f"CPU seconds per run of the phase, every process (S3 client or daemon + reader + weed): "
+                f"s3cachefs {ours:.2f}, boto3 {ref:.2f} ({ours / ref:.2f}x) on {os.cpu_count()} cores"
+            )
     elif metric == "lc_ttfb_ms":
         b = S("lc_ttfb_ms", "boto3")
         if b is not None:
             parts.append(f"boto3 get_object after the same page-cache drop: {fmt(b)} ms to its first 64 KiB")
     return "; ".join(parts)
+
+
+def phase_cpu(res: Results, phase: str, name: str) -> float | None:
+    """Median CPU seconds of one run of `phase` for `name`, summed over its daemon (if any), the
+    benchmark client and the S3 server; None unless the client's and the server's were measured."""
+    per = res.cpu.get(phase, {})
+    client, weed = per.get(f"{name}:client"), per.get(f"{name}:weed")
+    if not client or not weed:
+        return None
+    daemon = per.get(name)
+    return sum(statistics.median(p) for p in (daemon, client, weed) if p)
 
 
 def s3_floor_context(res: Results, metric: str, what: str, per_file: str) -> list[str]:

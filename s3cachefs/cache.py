@@ -651,6 +651,9 @@ class Cache:
                 )
             if self.s3.etag_is_md5_of(r.etag, md5) is False:
                 raise IntegrityError(f"GET {key}: MD5 {md5} does not match ETag {r.etag}")
+            # The bytes are in and checked, and the readers waiting for them are runnable: let them
+            # answer the kernel before the rename and the index commit below (0.15 ms per cold file).
+            await trio.lowlevel.checkpoint()
             # No fsync: a copy that a crash leaves torn or empty is caught by its length or, on its
             # first read after the next mount, by the MD5 recorded below (Cache.verify).
             # The awaits above let other requests run: re-read the row before trusting it.

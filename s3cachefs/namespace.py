@@ -354,9 +354,7 @@ class Namespace:
                 await self.s3.delete(self.prefix + dst_rel)
                 if self.index.get(src.ino) is None:
                     return
-            self._move_file_row(src, p_new, n_new, dst_k)
-            self._gone(src_rel)
-            self.negative.pop(dst_rel, None)
+            self._move_file_row(src, src_rel, p_new, n_new, dst_rel, dst_k)
             return
         # S3 has no rename: copy then delete. A crash between the two leaves both names in S3 (never
         # neither), and the next listing shows both.
@@ -366,12 +364,17 @@ class Namespace:
         src = self.index.get(src.ino)
         if src is None:
             return
-        self._move_file_row(src, p_new, n_new, dst_k, info)
-        self._gone(src_rel)
-        self.negative.pop(dst_rel, None)
+        self._move_file_row(src, src_rel, p_new, n_new, dst_rel, dst_k, info)
 
     def _move_file_row(
-        self, src: Node, p_new: int, n_new: bytes, klass: Klass, info: ObjectInfo | None = None
+        self,
+        src: Node,
+        src_rel: str,
+        p_new: int,
+        n_new: bytes,
+        dst_rel: str,
+        klass: Klass,
+        info: ObjectInfo | None = None,
     ) -> None:
         """Point the row at its new name (and at `info`, the object now under that name, if given),
         replacing whatever file had that name. The index changes are one transaction, retried on a
@@ -391,6 +394,8 @@ class Namespace:
         self.cache.index_write(record)
         if replaced is not None:
             self.cache.forget(replaced)
+        self._gone(src_rel)
+        self.negative.pop(dst_rel, None)
 
     async def _rename_dir(self, src: Node, dst: Node | None, p_new: int, n_new: bytes) -> None:
         await self.ensure_listed(src.ino)
