@@ -47,6 +47,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -590,9 +591,12 @@ class Cache:
             first = min(FIRST_RANGE, part)
             r = await self.s3.get_range(key, d.fd, 0, first - 1, lambda n: d.progress(0, n))
             d.plan(r.total, first)
-            # The rest in parallel ranged GETs, started in order (the limiter is FIFO), so a
-            # sequential reader finds the next part already on its way: that is the read-ahead.
-            limiter = trio.CapacityLimiter(self.limits.read_concurrency)
+            # The rest in parallel ranged GETs, asked for in order, so that a sequential reader
+            # finds the next part already on its way: that is the read-ahead. Each of
+            # read_concurrency fetchers takes the next part from one shared iterator when it is
+            # free. (One task per part, started in order, is not enough: trio runs a batch of new
+            # tasks in reverse order half of the time, and then the first part came in last.)
+            parts_left = iter(range(1, d.nparts))
             hasher = hashlib.md5()
 
             async def hash_along() -> None:
@@ -606,17 +610,22 @@ class Cache:
                     await trio.to_thread.run_sync(_md5_update, hasher, d.fd, off, end, limiter=self.limiter)
                     off = end
 
-            async def fetch_part(i: int) -> None:
-                async with limiter:
+            async def fetch_parts() -> None:
+                for i in parts_left:
                     await self.s3.get_range(
-                        key, d.fd, d.ends[i - 1], d.ends[i] - 1, lambda n: d.progress(i, n), if_match=r.etag
+                        key,
+                        d.fd,
+                        d.ends[i - 1],
+                        d.ends[i] - 1,
+                        functools.partial(d.progress, i),
+                        if_match=r.etag,
                     )
 
             with first_error():
                 async with trio.open_nursery() as parts:
                     parts.start_soon(hash_along)
-                    for i in range(1, d.nparts):
-                        parts.start_soon(fetch_part, i)
+                    for _ in range(min(self.limits.read_concurrency, d.nparts - 1)):
+                        parts.start_soon(fetch_parts)
             md5 = hasher.hexdigest()
         return r, md5
 

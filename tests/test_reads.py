@@ -158,6 +158,29 @@ def test_a_large_cold_file_starts_with_a_short_range_and_arrives_whole(
     assert ranges[0] == ("0", str(FIRST_RANGE - 1)), ranges
 
 
+def test_the_parts_of_a_large_cold_file_are_asked_for_in_order(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    """A sequential reader needs the parts front to back: each download's GETs start in that order
+    (trio starts new tasks in reverse order half of the time, which once made the first part come
+    in last). Four files, so that a random order would pass with a chance of 1 in 16 at most."""
+    objects = {f"remote_content/ex.org/ab/cd/large{i}": os.urandom(6 * MiB + 999) for i in range(4)}
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    m = make_mount(
+        bucket=bucket,
+        extra_args=["--read-part-size", "1M", "--read-concurrency", "2", "--log-level", "debug"],
+    )
+    for key, body in objects.items():
+        with open(m.path / key, "rb") as f:
+            assert f.read() == body
+    log = m.log_text()
+    for key in objects:
+        starts = [int(a) for a in re.findall(rf"GET {re.escape(key)} bytes=(\d+)-", log)]
+        assert len(starts) == 7, starts  # the short first range, then six parts
+        assert starts == sorted(starts), f"{key}: parts asked for in the order {starts}"
+
+
 def test_a_missing_name_can_be_created_at_once_despite_the_negative_cache(mounted: Mount) -> None:
     path = mounted.path / "local_thumbnails/ab/cd/x/32-32-image-jpeg-crop"
     path.parent.mkdir(parents=True)
