@@ -624,7 +624,7 @@ class Cache:
             with first_error():
                 async with trio.open_nursery() as parts:
                     parts.start_soon(hash_along)
-                    for _ in range(min(self.limits.read_concurrency, d.nparts - 1)):
+                    for _ in range(max(1, min(self.limits.read_concurrency, d.nparts - 1))):
                         parts.start_soon(fetch_parts)
             md5 = hasher.hexdigest()
         return r, md5
@@ -713,7 +713,6 @@ class Cache:
                 self.truncated(w)
             return w
         self.content_replaced(node.ino)
-        shared = self.pins[node.ino] > 0
         path = self._tmp("put", node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -743,6 +742,10 @@ class Cache:
             self.cached_bytes -= node.size
         # A local-only file has no other copy to go back to: its close always commits it again.
         dirty = truncate or prev is None
+        # Handles opened during the copy above took the old version's fd; from here on reads go to
+        # the staging file, and this second change of version makes those handles drop their copy.
+        self.content_replaced(node.ino)
+        shared = self.pins[node.ino] > 0
         w = self.writers[node.ino] = Writer(
             node.ino,
             path,
@@ -1074,6 +1077,8 @@ class Cache:
             self._unlink_data(w.ino)  # committed once, then changed: not what S3 holds
         if not reverting:
             return False
+        # Read handles opened after an fsync() hold an fd on those bytes, which S3 does not have.
+        self.content_replaced(w.ino)
         # The upload failed (close() returned an error), or nothing was written: S3 still holds the
         # previous version (or nothing), so the index goes back to saying exactly that.
         if w.prev is None:

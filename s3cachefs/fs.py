@@ -138,7 +138,7 @@ class Operations(pyfuse3.Operations):
             a.st_nlink = 1
             w = self.cache.writers.get(node.ino)
             a.st_size = os.fstat(w.fd).st_size if w is not None else node.size
-            if w is not None:
+            if w is not None and w.dirty:  # an open for writing that writes nothing changes nothing
                 mtime = w.mtime_ns
         a.st_uid = self.uid
         a.st_gid = self.gid
@@ -488,14 +488,20 @@ class Operations(pyfuse3.Operations):
                 await self._end_write(h.writer, self.index.get(h.ino))
 
     async def _end_write(self, w: Writer, node: Node | None) -> None:
-        removed = await self.cache.finish_write(w)
-        if not removed and self.cache.kernel_copy_current(w):
+        removed = keep = False
+        try:
+            removed = await self.cache.finish_write(w)
             # The usual case (Synapse writes a new file, then reads it back): the kernel's pages are
             # the bytes S3 now holds, so the read-back comes from the page cache.
-            return
-        # The kernel may hold pages of another version (read through handles open during the write)
-        # or, after a failed upload, the bytes and size of a write that S3 does not have.
-        await trio.to_thread.run_sync(_invalidate, w.ino, node if removed else None, limiter=self.limiter)
+            keep = not removed and self.cache.kernel_copy_current(w)
+        finally:
+            if not keep:
+                # The kernel may hold pages of another version (read through handles open during the
+                # write) or, after a failed upload, the bytes and size of a write S3 does not have;
+                # also when settling the write failed half way.
+                await trio.to_thread.run_sync(
+                    _invalidate, w.ino, node if removed else None, limiter=self.limiter
+                )
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inode numbers are row ids in the persistent index and stay valid; nothing to free.

@@ -6,6 +6,7 @@ that an operation needs no S3 request: a request would hang until the client tim
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -189,6 +190,36 @@ def test_failed_overwrite_keeps_serving_the_version_in_s3(
     own_s3server.start()
     assert path.read_bytes() == old
     assert own_s3server.client().get_object(Bucket=m.bucket, Key=ORIGINAL)["Body"].read() == old
+
+
+def test_a_reader_opened_after_fsync_never_reads_a_later_write_that_failed(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
+    """fsync() puts the file in S3 and in the cache; a reader that opens then holds the cached copy,
+    which the writer goes on changing. When the final upload fails, S3 still holds the fsync()ed
+    version, and so must the reader see, including in the page the failed write touched in part."""
+    m = make_mount(server=own_s3server, extra_args=FAST_FAIL)
+    path = m.path / ORIGINAL
+    os.makedirs(path.parent)
+    synced = os.urandom(100_000)
+    f = open(path, "wb", buffering=0)  # noqa: SIM115 (its close() must be seen failing)
+    try:
+        f.write(synced)
+        os.fsync(f.fileno())
+        with open(path, "rb", buffering=0) as reader:
+            f.seek(10)
+            f.write(b"N" * 100)
+            own_s3server.kill()
+            with pytest.raises(OSError):
+                f.close()
+            own_s3server.start()
+            assert reader.read(4096) == synced[:4096]
+    finally:
+        if not f.closed:
+            with contextlib.suppress(OSError):
+                f.close()
+    assert path.read_bytes() == synced
+    assert own_s3server.client().get_object(Bucket=m.bucket, Key=ORIGINAL)["Body"].read() == synced
 
 
 # -- reads ------------------------------------------------------------------------------------------

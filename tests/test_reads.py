@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -315,3 +316,39 @@ def test_a_reader_open_across_an_overwrite_leaves_no_old_bytes_for_later_readers
     with open(p, "rb") as again:
         assert again.read() == new
     assert rest == new[65536:]
+
+
+def test_a_reader_that_opens_while_a_write_starts_reads_what_the_write_left(mounted: Mount) -> None:
+    """A read-only open that lands while a writer's staging copy of a cached file is being made (an
+    open without O_TRUNC copies the whole file first) took the old cached copy's fd; after the write's
+    upload it went on serving the old bytes for the pages the kernel did not hold (here the page the
+    writer changed only in part)."""
+    d = mounted.path / "local_content/ab/cd"
+    os.makedirs(d)
+    p = d / "big"
+    old = os.urandom(256 * MiB)
+    p.write_bytes(old)
+    opened = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            with open(p, "r+b", buffering=0) as f:  # copies 256 MiB before open() returns
+                opened.set()
+                f.seek(10)
+                f.write(b"N" * 100)
+        except BaseException as e:
+            errors.append(e)
+            opened.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.03)
+    assert not opened.is_set(), "the writer's open returned before the reader could open"
+    with open(p, "rb", buffering=0) as reader:
+        t.join(60)
+        assert not errors, errors
+        head = reader.read(4096)
+    assert head == old[:10] + b"N" * 100 + old[110:4096]
+    with open(p, "rb") as again:
+        assert again.read(4096) == head
