@@ -712,7 +712,6 @@ class Cache:
                 os.ftruncate(w.fd, 0)
                 self.truncated(w)
             return w
-        self.content_replaced(node.ino)
         path = self._tmp("put", node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -742,8 +741,9 @@ class Cache:
             self.cached_bytes -= node.size
         # A local-only file has no other copy to go back to: its close always commits it again.
         dirty = truncate or prev is None
-        # Handles opened during the copy above took the old version's fd; from here on reads go to
-        # the staging file, and this second change of version makes those handles drop their copy.
+        # The new version begins here, once the writer is registered: from now on reads go to the
+        # staging file, and every handle that took the old version's fd (also one opened during the
+        # copy above) drops it at its next read.
         self.content_replaced(node.ino)
         shared = self.pins[node.ino] > 0
         w = self.writers[node.ino] = Writer(
