@@ -287,6 +287,8 @@ class Cache:
         self.clock = clock
         self.pins: Counter[int] = Counter()  # open handles per inode: never evicted while > 0
         self.writers: dict[int, Writer] = {}
+        # Inodes whose first write-open is making its staging copy; later opens wait, then join.
+        self._starting: dict[int, trio.Event] = {}
         self._downloads: dict[int, Download] = {}
         # Set by the composition root: downloads run as tasks of the mount's nursery, so they go on
         # when the request that started them is answered.
@@ -700,18 +702,37 @@ class Cache:
 
     async def start_write(self, node: Node, truncate: bool) -> Writer:
         """Open (or join) the staging file of `node`. Without truncate it starts as a copy of the file."""
-        w = self.writers.get(node.ino)
-        while w is not None and w.closing is not None:
-            await w.closing.wait()
+        while True:
+            # Another open of this inode is making its staging copy (the awaits below): wait for it
+            # and join its writer, so that every descriptor shares one staging file. Two writers
+            # of one inode would each upload their own copy, and the last close would win.
+            starting = self._starting.get(node.ino)
+            w = self.writers.get(node.ino)
+            if starting is not None:
+                await starting.wait()
+            elif w is not None and w.closing is not None:
+                await w.closing.wait()
+            else:
+                break
             fresh = self.index.get(node.ino)
             if fresh is None:
                 raise FileNotFoundError(errno.ENOENT, "file was removed")
-            node, w = fresh, self.writers.get(node.ino)
+            node = fresh
         if w is not None:
             if truncate:
                 os.ftruncate(w.fd, 0)
                 self.truncated(w)
             return w
+        # From here to the registration of the writer, this open owns the inode's start: set before
+        # the first await, cleared (and its waiters woken) however the start ends.
+        starting = self._starting[node.ino] = trio.Event()
+        try:
+            return await self._start_writer(node, truncate)
+        finally:
+            del self._starting[node.ino]
+            starting.set()
+
+    async def _start_writer(self, node: Node, truncate: bool) -> Writer:
         path = self._tmp("put", node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
