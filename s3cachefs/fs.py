@@ -29,7 +29,7 @@ import pyfuse3
 import trio
 
 from .cache import Cache, Download, Writer
-from .index import Index, Node, State, check_new_name
+from .index import Index, Node, State
 from .namespace import Namespace
 from .s3 import AccessDenied, NotFound, S3Error
 
@@ -115,10 +115,9 @@ class Operations(pyfuse3.Operations):
 
     def _invalidate_soon(self, ino: int, gone: Node | None) -> None:
         """An object changed or vanished behind our back: drop the kernel's cached name/attrs/pages."""
-        if self.cache.nursery is not None:
-            self.cache.nursery.start_soon(
-                functools.partial(trio.to_thread.run_sync, _invalidate, ino, gone, limiter=self.limiter)
-            )
+        self.cache.start_soon(
+            functools.partial(trio.to_thread.run_sync, _invalidate, ino, gone, limiter=self.limiter)
+        )
 
     # -- attributes ---------------------------------------------------------------------------------
 
@@ -136,7 +135,7 @@ class Operations(pyfuse3.Operations):
         else:
             a.st_mode = stat.S_IFREG | 0o644
             a.st_nlink = 1
-            w = self.cache.writers.get(node.ino)
+            w = self.cache.writer(node.ino)
             a.st_size = os.fstat(w.fd).st_size if w is not None else node.size
             if w is not None and w.dirty:  # an open for writing that writes nothing changes nothing
                 mtime = w.mtime_ns
@@ -198,7 +197,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "truncate")
-            w = self.cache.writers.get(inode)
+            w = self.cache.writer(inode)
             if w is not None:
                 try:
                     os.ftruncate(w.fd, attr.st_size)
@@ -221,7 +220,7 @@ class Operations(pyfuse3.Operations):
                         await self._end_write(w, node)
         if fields.update_mtime:
             self.index.set_mtime(inode, attr.st_mtime_ns)
-            w = self.cache.writers.get(inode)
+            w = self.cache.writer(inode)
             if w is not None:  # or the upload would record the time its write began
                 w.mtime_ns = attr.st_mtime_ns
         # Mode and owner are mount-wide (--uid/--gid); chmod/chown succeed without being stored, as
@@ -309,8 +308,7 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = h
-        self.cache.pins[h.ino] += 1
-        self.cache.touch(h.ino)
+        self.cache.opened(h.ino)
         return fh
 
     def _handle(self, fh: int) -> _Handle:
@@ -333,7 +331,7 @@ class Operations(pyfuse3.Operations):
             # No download here: Synapse opens remote media and closes it unread when a client's
             # cached copy is still valid (HTTP 304); the first read() fetches.
             h.fd = self.cache.open_cached(node)
-            w = self.cache.writers.get(inode)
+            w = self.cache.writer(inode)
             if w is not None:
                 w.shared = True
         fh = self._new_handle(h)
@@ -353,22 +351,7 @@ class Operations(pyfuse3.Operations):
                 raise OSError(errno.EISDIR, "create")
             writer = await self.cache.start_write(node, truncate=True)
         else:
-            check_new_name(name)
-            self.ns.dir_node(parent_inode)
-            self.cache.index_writable()
-            # Nothing goes to S3 here (no 0-byte placeholder): the object appears at close().
-            rel = self.ns.relpath_of(parent_inode, name)
-            node = self.index.add_file(
-                parent_inode,
-                name,
-                State.WRITING,
-                0,
-                None,
-                time.time_ns(),
-                self.cache.listing_gen,
-                self.cache.klass(rel).columns,
-            )
-            self.ns.negative.pop(rel, None)
+            node = self.ns.create(parent_inode, name)
             try:
                 writer = await self.cache.start_write(node, truncate=True)
             except BaseException:
@@ -384,7 +367,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        w = self.cache.writers.get(h.ino)
+        w = self.cache.writer(h.ino)
         if w is not None:
             return os.pread(w.fd, size, off)
         version = self.cache.content_version(h.ino)
@@ -476,11 +459,7 @@ class Operations(pyfuse3.Operations):
         h = self._handles.pop(fh, None)
         if h is None:
             return
-        self.cache.pins[h.ino] -= 1
-        if self.cache.pins[h.ino] <= 0:
-            del self.cache.pins[h.ino]
-            # It may have been kept over the cap only because it was open.
-            self.cache.make_room(0)
+        self.cache.released(h.ino)
         self._drop_copy(h)
         if h.writer is not None:
             h.writer.handles -= 1

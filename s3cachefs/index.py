@@ -135,6 +135,9 @@ def split_key_path(relpath: str) -> list[bytes] | None:
 class Index:
     def __init__(self, path: Path, readonly: bool = False):
         self.path = path
+        # The number of the full listing in progress (or of the last one): rows committed now count
+        # as seen by it (column `seen`), so that it does not drop them as deleted behind our back.
+        self.listing_gen = 0
         if readonly:
             # For `s3cachefs status`: reads beside a running daemon (WAL allows that), changes nothing.
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
@@ -163,6 +166,7 @@ class Index:
         # kernel, still holding the old inode (generation 0), would serve its cached attributes and
         # pages for the new file. Across mounts reuse is harmless: the kernel starts afresh.
         self._last_ino = self.max_ino()
+        self.listing_gen = int(self.get_meta("listed_gen") or 0)
 
     def close(self) -> None:
         self.db.close()

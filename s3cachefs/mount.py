@@ -43,6 +43,9 @@ from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, make_client
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY = 60.0
+# Worker threads for local disk work and for calls into the kernel (see _build).
+DISK_THREADS = 4
+KERNEL_THREADS = 2
 STATS_EVERY = 5.0
 
 
@@ -56,7 +59,7 @@ class _Parts:
     cache: Cache
     ns: Namespace
     ops: Operations
-    limiter: trio.CapacityLimiter
+    kernel: trio.CapacityLimiter  # threads for calls into the kernel
     listing: bool
 
 
@@ -191,11 +194,16 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
         config.s3.read_part_size,
         config.s3.read_concurrency,
     )
-    cache = Cache(config.cache_dir, index, s3, config.s3.prefix, limits, limiter)
+    # One limiter per scarce resource: S3 connections (above), local disk work (hashes, copies,
+    # fsync, unlinks), and calls into the kernel (invalidations, which can wait on the kernel's page
+    # locks). A hung S3 then never holds up a cached read's MD5 check or an invalidation.
+    disk = trio.CapacityLimiter(DISK_THREADS)
+    kernel = trio.CapacityLimiter(KERNEL_THREADS)
+    cache = Cache(config.cache_dir, index, s3, config.s3.prefix, limits, disk)
     cache.recover()
     ns = Namespace(index, s3, cache, config.s3.prefix)
-    ops = Operations(index, ns, cache, uid, gid, limiter)
-    return _Parts(index, cache, ns, ops, limiter, config.listing)
+    ops = Operations(index, ns, cache, uid, gid, kernel)
+    return _Parts(index, cache, ns, ops, kernel, config.listing)
 
 
 async def _set_read_ahead(mountpoint: Path, nbytes: int, limiter: trio.CapacityLimiter) -> None:
@@ -282,16 +290,16 @@ async def _serve(parts: _Parts, config: Config) -> bool:
                 return
 
     async with trio.open_nursery() as nursery:
-        parts.cache.nursery = nursery
         await nursery.start(on_signals)
+        # Before the first pass (a large pass leaves its data files to the reaper) and before the
+        # listing (which has the kernel invalidate what changed behind our back, in the background).
+        await nursery.start(parts.cache.run)
         if parts.listing:
             nursery.start_soon(parts.ns.listing_task)
-        # Before the first pass: a large pass leaves its data files to the reaper.
-        await nursery.start(parts.cache.run_reaper)
         # A lowered cap, a fuller disk or entries that aged while unmounted: settle them first.
         parts.cache.housekeeping()
         nursery.start_soon(_housekeeping, parts.cache)
-        nursery.start_soon(_set_read_ahead, config.mountpoint, config.read_ahead, parts.limiter)
+        nursery.start_soon(_set_read_ahead, config.mountpoint, config.read_ahead, parts.kernel)
         _sd_notify("READY=1")
         await pyfuse3.main()
         _sd_notify("STOPPING=1")

@@ -45,8 +45,6 @@ class Namespace:
         self.negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=10_000, ttl=NEGATIVE_TTL)
         self.listing_active = False
         self.listed = trio.Event()  # set once a full listing has completed in this process
-        gen = int(index.get_meta("listed_gen") or 0)
-        cache.listing_gen = gen
         self.skipped_keys = 0
         # Set by fs.Operations: tells the kernel to forget a name/inode that changed behind our back.
         self.on_changed: Callable[[int, Node | None], None] = lambda ino, gone: None
@@ -95,7 +93,7 @@ class Namespace:
                 info.size,
                 info.etag,
                 info.mtime_ns,
-                self.cache.listing_gen,
+                self.index.listing_gen,
                 self.cache.klass(rel).columns,
             )
         if is_dir:
@@ -126,7 +124,7 @@ class Namespace:
                         o.size,
                         o.etag,
                         o.mtime_ns,
-                        self.cache.listing_gen,
+                        self.index.listing_gen,
                         self.cache.klass(rel).columns,
                     )
             for p in prefixes:
@@ -142,7 +140,7 @@ class Namespace:
     async def full_listing(self) -> None:
         """List the whole prefix once, page by page, and reconcile the index with it."""
         gen = int(self.index.get_meta("listed_gen") or 0) + 1
-        self.cache.listing_gen = gen
+        self.index.listing_gen = gen
         self.listing_active = True
         self.skipped_keys = 0
         dirs: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=4096)
@@ -164,8 +162,7 @@ class Namespace:
                 for node in self.index.stale_files(gen):
                     if self.cache.busy(node.ino):
                         continue
-                    self.cache.forget(node)
-                    self.index.remove(node.ino)
+                    self.cache.drop(node.ino, durable=False)
                     self.on_changed(node.ino, node)
                     dropped += 1
                 self.index.mark_all_dirs_complete()
@@ -242,9 +239,7 @@ class Namespace:
             return
         if node.etag != o.etag or node.size != o.size:
             # Replaced behind our back: forget the old copy, serve the new object from now on.
-            self.cache.forget(node)
-            self.cache.content_replaced(node.ino)
-            self.index.set_object(node.ino, State.REMOTE, o.size, o.etag, o.mtime_ns, gen)
+            self.cache.replaced(node.ino, o.size, o.etag, o.mtime_ns, gen)
             self.on_changed(node.ino, None)
             return
         self.index.set_object(node.ino, node.state, node.size, node.etag, node.mtime_ns, gen)
@@ -259,6 +254,26 @@ class Namespace:
         # No marker object: the directory exists in the index until keys below it make it real in S3.
         return self.index.add_dir(parent, name, complete=True)
 
+    def create(self, parent: int, name: bytes) -> Node:
+        """The row of a new file, WRITING until its first close. Nothing goes to S3 here (no 0-byte
+        placeholder): the object appears at close()."""
+        check_new_name(name)
+        self.dir_node(parent)
+        self.cache.index_writable()
+        rel = self.relpath_of(parent, name)
+        node = self.index.add_file(
+            parent,
+            name,
+            State.WRITING,
+            0,
+            None,
+            time.time_ns(),
+            self.index.listing_gen,
+            self.cache.klass(rel).columns,
+        )
+        self.negative.pop(rel, None)
+        return node
+
     def _gone(self, rel: str) -> None:
         if self.listing_active:
             self.index.tombstone(rel)
@@ -271,12 +286,7 @@ class Namespace:
         if node.is_dir:
             raise _err(errno.EISDIR, "unlink")
         rel = self.index.relpath(node.ino)
-        w = self.cache.writers.get(node.ino)
-        if w is not None:
-            # An upload in flight would re-create the object after our DELETE: let it finish first.
-            w.unlinked = True
-            async with w.lock:
-                pass
+        await self.cache.stop_writer(node.ino)
         node = self.index.get(node.ino)
         if node is None:
             return
@@ -286,11 +296,9 @@ class Namespace:
             node.state == State.WRITING and node.etag is not None
         ):
             await self.s3.delete(self.prefix + rel)
-        node = self.index.get(node.ino)
-        if node is None:
+        if self.index.get(node.ino) is None:
             return
-        self.cache.forget(node)
-        self.cache.index_write(lambda: self.index.remove(node.ino))
+        self.cache.drop(node.ino)
         self._gone(rel)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -334,10 +342,10 @@ class Namespace:
             return
         if dst is not None and dst.is_dir:
             raise _err(errno.EISDIR, "rename")
-        if src.state == State.WRITING or src.ino in self.cache.writers:
+        if src.state == State.WRITING or self.cache.writer(src.ino) is not None:
             # Its bytes are not in S3 yet (or being changed); there is nothing consistent to copy.
             raise _err(errno.EBUSY, "rename of a file open for writing")
-        if dst is not None and dst.ino in self.cache.writers:
+        if dst is not None and self.cache.writer(dst.ino) is not None:
             raise _err(errno.EBUSY, "rename over a file open for writing")
         src_rel = self.index.relpath(src.ino)
         dst_rel = self.relpath_of(p_new, n_new)
@@ -382,18 +390,17 @@ class Namespace:
         replaced = self.index.lookup(p_new, n_new)
 
         def record() -> None:  # index changes only: it may run twice
-            if replaced is not None:
-                self.index.remove(replaced.ino)
             self.index.move(src.ino, p_new, n_new)
             self.index.set_class(src.ino, klass.columns)
             if info is not None:
                 self.index.set_object(
-                    src.ino, src.state, info.size, info.etag, src.mtime_ns, self.cache.listing_gen
+                    src.ino, src.state, info.size, info.etag, src.mtime_ns, self.index.listing_gen
                 )
 
-        self.cache.index_write(record)
         if replaced is not None:
-            self.cache.forget(replaced)
+            self.cache.drop(replaced.ino, also=record)  # one transaction: the name changes hands
+        else:
+            self.cache.index_write(record)
         self._gone(src_rel)
         self.negative.pop(dst_rel, None)
 

@@ -242,7 +242,7 @@ def test_a_crash_between_evicting_rows_and_removing_their_files_serves_no_stale_
             os.close(await cache.fetch(node.ino))
             inos[key] = node.ino
         # A mount's reaper would remove the rest of the files; this process dies before it gets to.
-        cache.reaper_running = True
+        cache.evictor.reaper_running = True
         now[0] += 40 * 86400
         assert cache.evict_aged() == n
         index.close()  # kill -9 here: rows committed REMOTE, some data files still in data/

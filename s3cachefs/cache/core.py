@@ -1,0 +1,272 @@
+"""The cache's face to the rest of the mount: one object that fs.py and namespace.py call, built
+from the parts of this package (store, policy, space, evict, download, write, states)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..index import Index, Node
+from ..s3 import S3
+from . import states
+from .download import Downloads
+from .evict import Evictor
+from .policy import Klass, Policies
+from .space import Space
+from .states import Change
+from .store import Download, Limits, Store, Writer
+from .write import Writes
+
+log = logging.getLogger(__name__)
+
+
+class Cache:
+    def __init__(
+        self,
+        root: Path,
+        index: Index,
+        s3: S3,
+        prefix: str,
+        limits: Limits,
+        disk: trio.CapacityLimiter,
+        clock: Callable[[], float] = time.time,
+    ):
+        """`disk`: the worker threads for local disk work (hashes, copies, fsync, unlinks), apart
+        from the S3 calls' own, so that a hung S3 never holds up a cached read."""
+        self.limits = limits
+        self.index = index
+        self.s3 = s3
+        self.store = Store(root, index, prefix, clock)
+        self.policies = Policies(limits.policies, limits.default_max_age)
+        self.space = Space(self.store)
+        self.evictor = Evictor(self.store, limits, disk)
+        self.downloads = Downloads(self.store, s3, limits, self.evictor, self.space, disk)
+        self.writes = Writes(self.store, s3, self.policies, self.space, self.evictor, self.downloads, disk)
+        self._stats_base: Counter[str] = Counter(json.loads(index.get_meta("stats") or "{}"))
+        self._saves = int(index.get_meta("saves") or 0)
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Undo what a crash left: staging and download files, and rows of writes never acknowledged.
+
+        Also re-applies the path policies to every row if they changed since the last mount (a one-off
+        pass over the index; otherwise start-up does no work proportional to the number of files).
+        Data files of evicted rows that a crash left behind are removed by the reaper (run_reaper).
+        """
+        for p in self.store.tmp_dir.iterdir():
+            p.unlink(missing_ok=True)
+        fingerprint = self.policies.fingerprint()
+        if self.index.get_meta("policy") != fingerprint:
+            started = time.monotonic()
+            with self.index.transaction():
+                n = self.policies.apply(self.index)
+                self.index.set_meta("policy", fingerprint)
+            log.info(
+                "applied cache policies in %.1fs (%d class values changed)", time.monotonic() - started, n
+            )
+        self.store.pending_bytes = self.index.doomed_bytes()
+        states.orphaned(self.store)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The cache's background work, started with nursery.start: the reaper, and a nursery for
+        downloads and pipelined uploads, which go on when the request that started them is answered.
+        Returns when cancelled (the mount is going down)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.evictor.run_reaper)
+            self.store.nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self.store.nursery = None
+
+    def start_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) in the background if the cache's nursery is up (else not at all)."""
+        if self.store.nursery is not None:
+            self.store.nursery.start_soon(fn, *args)
+
+    async def run_reaper(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.evictor.run_reaper(task_status=task_status)
+
+    def housekeeping(self) -> None:
+        """Periodic: age limit, free space taken by others, pending access times, counters.
+        Raises what the index raises (a full cache disk); the caller logs it and goes on."""
+        states.orphaned(self.store)
+        self.evictor.evict_aged()
+        self.evictor.make_room(0)
+        self.store.flush_atimes()
+        self.persist_stats()
+        self.space.keep_reserve()
+
+    # -- handles ------------------------------------------------------------------------------------
+
+    def opened(self, ino: int) -> None:
+        """A handle of the inode was opened: it is not evicted until its last handle is released."""
+        self.store.pins[ino] += 1
+        self.store.touch(ino)
+
+    def released(self, ino: int) -> None:
+        pins = self.store.pins
+        pins[ino] -= 1
+        if pins[ino] <= 0:
+            del pins[ino]
+            # It may have been kept over the cap only because it was open.
+            self.evictor.make_room(0)
+
+    def writer(self, ino: int) -> Writer | None:
+        """The writer of a file being written, if any (all its write handles share it)."""
+        return self.store.writers.get(ino)
+
+    async def stop_writer(self, ino: int) -> None:
+        """Before the file is unlinked: its writer must not commit, and an upload in flight would
+        re-create the object after the DELETE, so wait for it to end."""
+        w = self.store.writers.get(ino)
+        if w is not None:
+            w.unlinked = True
+            async with w.lock:
+                pass
+
+    def busy(self, ino: int) -> bool:
+        return self.store.busy(ino)
+
+    def content_version(self, ino: int) -> int:
+        return self.store.content_version(ino)
+
+    # -- reads --------------------------------------------------------------------------------------
+
+    def open_cached(self, node: Node) -> int | None:
+        return self.downloads.open_cached(node)
+
+    async def verify(self, ino: int, fd: int) -> int:
+        return await self.downloads.verify(ino, fd)
+
+    async def fetch(self, ino: int) -> int:
+        return await self.downloads.fetch(ino)
+
+    def open_download(self, node: Node) -> Download:
+        return self.downloads.open(node)
+
+    def close_download(self, d: Download) -> None:
+        self.downloads.close(d)
+
+    @staticmethod
+    def found_disk_full(d: Download) -> bool:
+        return Downloads.found_disk_full(d)
+
+    async def read_direct(self, ino: int, off: int, size: int) -> bytes:
+        return await self.downloads.read_direct(ino, off, size)
+
+    # -- writes -------------------------------------------------------------------------------------
+
+    async def start_write(self, node: Node, truncate: bool) -> Writer:
+        return await self.writes.start(node, truncate)
+
+    def drop_new_row(self, ino: int) -> None:
+        self.writes.drop_new_row(ino)
+
+    def wrote(self, w: Writer, off: int, n: int) -> None:
+        self.writes.wrote(w, off, n)
+
+    def write_failed(self, w: Writer, e: OSError) -> None:
+        self.writes.write_failed(w, e)
+
+    def truncated(self, w: Writer) -> None:
+        self.writes.truncated(w)
+
+    async def upload(self, w: Writer) -> None:
+        await self.writes.upload(w)
+
+    async def finish_write(self, w: Writer) -> bool:
+        return await self.writes.finish(w)
+
+    @staticmethod
+    def kernel_copy_current(w: Writer) -> bool:
+        return Writes.kernel_copy_current(w)
+
+    # -- the namespace's changes --------------------------------------------------------------------
+
+    def klass(self, relpath: str) -> Klass:
+        return self.policies.klass(relpath)
+
+    def index_writable(self) -> None:
+        self.space.index_writable()
+
+    def index_write(self, change: Change) -> None:
+        self.space.index_write(change)
+
+    def drop(self, ino: int, also: Change | None = None, durable: bool = True) -> None:
+        """The file leaves the namespace (states.dropped); `also` commits with it. durable: commit
+        now, retried on a full disk; otherwise inside the transaction the caller holds."""
+        states.dropped(self.store, self.space.index_write if durable else states.direct, ino, also)
+
+    def replaced(self, ino: int, size: int, etag: str | None, mtime_ns: int, gen: int) -> None:
+        """The object was replaced behind our back (states.replaced)."""
+        states.replaced(self.store, ino, size, etag, mtime_ns, gen)
+
+    # -- space --------------------------------------------------------------------------------------
+
+    def make_room(self, incoming: int) -> None:
+        self.evictor.make_room(incoming)
+
+    def relieve_disk(self, need: int = 0) -> int:
+        return self.space.relieve_disk(need)
+
+    def evict_aged(self) -> int:
+        return self.evictor.evict_aged()
+
+    async def wait_reaped(self) -> None:
+        await self.evictor.wait_reaped()
+
+    # -- access times and counters ------------------------------------------------------------------
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.store.cached_bytes
+
+    @property
+    def stats(self) -> Counter[str]:
+        return self.store.stats
+
+    def data_path(self, ino: int) -> str:
+        return self.store.data_path(ino)
+
+    def touch(self, ino: int) -> None:
+        self.store.touch(ino)
+
+    def flush_atimes(self) -> None:
+        self.store.flush_atimes()
+
+    def status(self) -> dict[str, object]:
+        """What `s3cachefs status` shows, from the live process."""
+        return {
+            "cache_dir": str(self.store.root),
+            "identity": self.index.get_meta("identity"),
+            "pid": os.getpid(),
+            "cap": self.limits.cap,
+            "min_free": self.limits.min_free,
+            "in_cache_bytes": self.store.cached_bytes,
+            "pending_delete_bytes": self.store.pending_bytes,
+            **self.index.cache_summary(),
+            **{f"stat_{k}": v for k, v in self.counters().items()},
+        }
+
+    def counters(self) -> Counter[str]:
+        """Cumulative counters (across restarts), S3 calls per operation included."""
+        calls = Counter({f"s3_{op}": n for op, n in self.s3.calls.items()})
+        return self._stats_base + self.store.stats + calls
+
+    def persist_stats(self) -> None:
+        """Counters survive restarts, for `s3cachefs status`."""
+        self._saves += 1
+        self.index.set_meta("stats", json.dumps(dict(self.counters())))
+        self.index.set_meta("saves", str(self._saves))
+        self.index.set_meta("limits", json.dumps({"cap": self.limits.cap, "min_free": self.limits.min_free}))

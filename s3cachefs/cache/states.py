@@ -1,0 +1,203 @@
+"""The cache state of a file row, and the only functions that change it.
+
+Each function below is one edge of the diagram. It changes the row and, in the same step, what
+depends on it: `cached_bytes` (the sum of the sizes of CACHED and LOCAL rows), the data file, the
+`doomed` table (eviction), the verified set and the content version (which makes open read handles
+drop bytes of another version). Callers choose how the row change is committed, through `write`:
+`space.index_write` when S3 was already changed and the index must follow whatever it takes (a full
+disk is relieved and it is tried again), `transaction` for one commit of several statements, and
+`direct` inside a transaction the caller holds. The accounting is applied only once the change is
+committed, so a retried commit never counts twice.
+
+               download: GET -> tmp/get-* -> verify -> rename to data/ -> cached()
+      REMOTE ──────────────────────────────────────────────────────────────────────────▶ CACHED
+      ▲ ▲ ▲ ◀──── evicted(): LRU over the cap, max age, disk full (never open or written) ── │
+      │ │ │  ◀──── demoted(): the cached copy is missing, of the wrong length or damaged ── │
+      │ │ └───── replaced(): the listing sees another ETag (object replaced behind our back)
+      │ │                                                                                  │
+      │ │  writing(): open for write, or written again after an upload   ◀────────────────┘
+      │ └──────────────────────────────────────────▶ WRITING ◀───── (new row) create()
+      │                                                │  │  │
+      └── reverted(): last release after a failed ────┘  │  └── cached(): flush/fsync, PUT ok ──▶ CACHED
+          upload (an older S3 version exists;             │
+          CACHED again if its copy was never touched)     └── local(): close of a local-only path,
+                                                              or of an empty file ─────────────▶ LOCAL
+      LOCAL ── writing() ──▶ WRITING;  LOCAL ── evicted() (age limit or disk full only) ──▶ (removed)
+      any file ── dropped() ──▶ (removed): unlink, rename over it, the listing no longer sees it,
+                                a first write that failed with no older version (reverted())
+      WRITING ── orphaned() ──▶ REMOTE or (removed): at mount, a write whose close never succeeded
+
+Room is left for the states of queued uploads and deletes: a queued upload would be LOCAL-like
+(bytes only in data/, never evicted) with a queue row; a queued delete a tombstone row.
+
+What survives a crash (kill -9, power loss):
+- CACHED is written to the index only after the data file was verified and renamed into place,
+  with the MD5 of its bytes. A CACHED row whose file is missing or has the wrong length is demoted
+  on open, and the first read of every cached file after a mount checks its MD5 (in a worker
+  thread) before serving it. So a torn, emptied or damaged cache file is never served; it is fetched
+  again. That check is why downloads need no fsync before the rename.
+- WRITING rows found at mount belong to writes whose close() never returned success: orphaned()
+  reverts them to the S3 version they had (REMOTE) or removes them if there was none. The staging
+  files in tmp/ are deleted. Nothing was ever PUT for them, so S3 holds no partial object.
+- evicted() commits the rows (REMOTE, or removed if local-only) together with their entries in the
+  index's `doomed` table, and only then are the data files removed. A file left in data/ by a crash
+  in between belongs to a REMOTE row, which is never read from data/ (a later download renames its
+  file over it); the reaper removes it at the next mount. trash/ holds only files no row refers to,
+  and is emptied at mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from ..index import IN_CACHE, State
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+Change = Callable[[], None]
+Write = Callable[[Change], None]
+
+
+def direct(change: Change) -> None:
+    """Inside a transaction the caller holds (or one statement, which commits by itself)."""
+    change()
+
+
+def transaction(store: Store) -> Write:
+    def write(change: Change) -> None:
+        with store.index.transaction():
+            change()
+
+    return write
+
+
+def cached(
+    store: Store, write: Write, ino: int, size: int, etag: str | None, mtime_ns: int, md5: str | None
+) -> None:
+    """REMOTE -> CACHED (a download is in data/) or WRITING -> CACHED (its upload is in S3 and its
+    staging file in data/): data/<ino> holds exactly the object `etag`, whose MD5 is `md5`."""
+
+    def change() -> None:
+        store.index.set_object(ino, State.CACHED, size, etag, mtime_ns, store.index.listing_gen)
+        store.index.set_md5(ino, md5)
+
+    write(change)
+    store.verified[ino] = True
+    store.cached_bytes += size
+
+
+def local(store: Store, write: Write, ino: int, size: int, mtime_ns: int, md5: str) -> None:
+    """WRITING -> LOCAL: a local-only file (or an empty one) is complete in data/, never uploaded."""
+
+    def change() -> None:
+        store.index.set_object(ino, State.LOCAL, size, None, mtime_ns, store.index.listing_gen)
+        store.index.set_md5(ino, md5)
+
+    write(change)
+    store.verified[ino] = True
+    store.cached_bytes += size
+
+
+def writing(store: Store, ino: int) -> None:
+    """REMOTE, CACHED or LOCAL -> WRITING: a write began (or the file was written again after an
+    upload). Its bytes no longer count as cached: the copy in data/ is not what S3 will hold."""
+    node = store.index.get(ino)
+    if node is None or node.state == State.WRITING:
+        return
+    store.index.set_state(ino, State.WRITING)
+    if node.state in IN_CACHE:
+        store.cached_bytes -= node.size
+
+
+def reverted(store: Store, write: Write, ino: int, prev: tuple[int, str] | None, copy_intact: bool) -> bool:
+    """WRITING -> back to what S3 holds after a write that did not make it (its close() failed, or
+    nothing was written): REMOTE at the previous version, CACHED if the copy the write started from
+    is untouched (copy_intact), or removed if there was no previous version. Read handles opened
+    after an fsync() hold an fd on bytes S3 does not have: the content version changes. Returns True
+    if the row was removed."""
+    store.content_replaced(ino)
+    if prev is None:
+        write(lambda: store.index.remove(ino))
+        return True
+    size, etag = prev
+    node = store.index.get(ino)
+    mtime = node.mtime_ns if node else time.time_ns()
+    state = State.CACHED if copy_intact else State.REMOTE
+    write(lambda: store.index.set_object(ino, state, size, etag, mtime, store.index.listing_gen))
+    if state == State.CACHED:
+        store.cached_bytes += size
+    return False
+
+
+def demoted(store: Store, ino: int) -> None:
+    """CACHED -> REMOTE: the cached copy is gone or not to be trusted (missing, wrong length, damaged,
+    or unlinked to make room on a full disk). A LOCAL file has no other copy: it is gone too."""
+    node = store.index.get(ino)
+    if node is None or node.state not in IN_CACHE:
+        return
+    if node.state == State.LOCAL:
+        # Its only copy is gone (the cache directory was wiped): the file is gone too.
+        log.warning("local-only file %s lost its cached copy; removing it", store.index.relpath(ino))
+        store.index.remove(ino)
+    else:
+        store.index.set_state(ino, State.REMOTE)
+    store.cached_bytes -= node.size
+
+
+def replaced(store: Store, ino: int, size: int, etag: str | None, mtime_ns: int, gen: int) -> None:
+    """CACHED or REMOTE -> REMOTE at another version: the listing saw the object replaced behind our
+    back. The old copy goes, and open handles drop it (content version)."""
+    node = store.index.get(ino)
+    if node is not None and node.state in IN_CACHE:
+        store.cached_bytes -= node.size
+    store.unlink_data(ino)
+    store.content_replaced(ino)
+    store.index.set_object(ino, State.REMOTE, size, etag, mtime_ns, gen)
+
+
+def dropped(store: Store, write: Write, ino: int, also: Change | None = None) -> None:
+    """Any file -> removed from the namespace (unlink, a rename over it, the listing no longer sees
+    it). Its cached copy goes; open fds keep working; a writer learns it must not commit. `also`:
+    index changes committed with the removal (a rename puts its file in the name's place)."""
+    node = store.index.get(ino)
+
+    def change() -> None:
+        store.index.remove(ino)
+        if also is not None:
+            also()
+
+    write(change)
+    if node is not None and node.state in IN_CACHE:
+        store.cached_bytes -= node.size
+    store.unlink_data(ino)
+    w = store.writers.get(ino)
+    if w is not None:
+        w.unlinked = True
+
+
+def evicted(store: Store, victims: list[tuple[int, int, State]]) -> None:
+    """CACHED -> REMOTE, LOCAL -> removed, for a batch of (ino, size, state): the rows and their
+    entries in `doomed` in one transaction; the data files go after (evict.py)."""
+    with store.index.transaction():
+        store.index.evict(victims)
+    freed = sum(size for _, size, _ in victims)
+    store.cached_bytes -= freed
+    store.stats["evictions"] += len(victims)
+    store.stats["evicted_bytes"] += freed
+
+
+def orphaned(store: Store) -> None:
+    """WRITING rows with no writer (a crash, or an index update that failed on a full disk) go back
+    to what S3 holds: nothing was ever uploaded for them."""
+    for node in store.index.writing():
+        if node.ino in store.writers or node.ino in store.starting:
+            continue
+        if node.etag is None:
+            log.info("dropping %s: its write never completed", store.index.relpath(node.ino))
+            store.index.remove(node.ino)
+        else:
+            store.index.set_state(node.ino, State.REMOTE)
+        store.unlink_data(node.ino)

@@ -1,0 +1,431 @@
+"""Writes: one staging file per inode, shared by all its write handles, uploaded at flush and fsync.
+
+A write begins at the first open for writing (start): the file is copied into tmp/put-* unless the
+open truncates, and the row becomes WRITING (states.writing). Every flush or fsync with new data
+makes S3 hold exactly the staging file's bytes (upload): one PUT, or, for a sequential writer of a
+large file, the multipart upload whose full parts went up while it was written (the pipeline). Once
+S3 holds it, the staging file is renamed into data/ and the row becomes CACHED (states.cached). The
+last release settles the write (finish): a write that did not reach S3 goes back to the version S3
+holds (states.reverted).
+
+Concurrent opens join one writer: the first open registers its start in Store.starting before its
+first await, and later opens wait for it and then join the writer it registered.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import time
+
+import trio
+
+from ..index import IN_CACHE, Node, State
+from ..s3 import S3, MultipartUpload, ObjectInfo, S3Error, first_error, md5_fd
+from . import states
+from .download import Downloads, md5_update
+from .evict import Evictor
+from .policy import Policies
+from .space import Space
+from .store import Pipeline, Store, Writer, unlink_quiet
+
+log = logging.getLogger(__name__)
+
+EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
+
+
+class Writes:
+    def __init__(
+        self,
+        store: Store,
+        s3: S3,
+        policies: Policies,
+        space: Space,
+        evictor: Evictor,
+        downloads: Downloads,
+        disk: trio.CapacityLimiter,
+    ):
+        self.store = store
+        self.index = store.index
+        self.s3 = s3
+        self.policies = policies
+        self.space = space
+        self.evictor = evictor
+        self.downloads = downloads
+        self.disk = disk  # worker threads for local disk work (copies, hashes, fsync)
+
+    # -- beginning a write --------------------------------------------------------------------------
+
+    async def start(self, node: Node, truncate: bool) -> Writer:
+        """Open (or join) the staging file of `node`. Without truncate it starts as a copy of the file."""
+        store = self.store
+        while True:
+            # Another open of this inode is making its staging copy (the awaits below): wait for it
+            # and join its writer, so that every descriptor shares one staging file. Two writers
+            # of one inode would each upload their own copy, and the last close would win.
+            starting = store.starting.get(node.ino)
+            w = store.writers.get(node.ino)
+            if starting is not None:
+                await starting.wait()
+            elif w is not None and w.closing is not None:
+                await w.closing.wait()
+            else:
+                break
+            fresh = self.index.get(node.ino)
+            if fresh is None:
+                raise FileNotFoundError(errno.ENOENT, "file was removed")
+            node = fresh
+        if w is not None:
+            if truncate:
+                os.ftruncate(w.fd, 0)
+                self.truncated(w)
+            return w
+        # From here to the registration of the writer, this open owns the inode's start: set before
+        # the first await, cleared (and its waiters woken) however the start ends.
+        starting = store.starting[node.ino] = trio.Event()
+        try:
+            return await self._start_writer(node, truncate)
+        finally:
+            del store.starting[node.ino]
+            starting.set()
+
+    async def _start_writer(self, node: Node, truncate: bool) -> Writer:
+        store = self.store
+        path = store.tmp("put", node.ino)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if not truncate and node.state in (State.REMOTE, *IN_CACHE) and node.size > 0:
+                src = await self.downloads.fetch(node.ino)
+                try:
+                    await trio.to_thread.run_sync(_copy_fd, src, fd, limiter=self.disk)
+                finally:
+                    os.close(src)
+                node = self.index.get(node.ino) or node
+            prev = (
+                (node.size, node.etag) if node.state in (State.REMOTE, State.CACHED) and node.etag else None
+            )
+            was_cached = node.state == State.CACHED
+            # A row made by create() a moment ago carries the create time the kernel already holds.
+            mtime_ns = node.mtime_ns if node.state == State.WRITING else time.time_ns()
+            states.writing(store, node.ino)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        # A local-only file has no other copy to go back to: its close always commits it again.
+        dirty = truncate or prev is None
+        # The new version begins here, once the writer is registered: from now on reads go to the
+        # staging file, and every handle that took the old version's fd (also one opened during the
+        # copy above) drops it at its next read.
+        store.content_replaced(node.ino)
+        w = store.writers[node.ino] = Writer(
+            node.ino,
+            path,
+            fd,
+            prev,
+            dirty=dirty,
+            seq_end=os.fstat(fd).st_size,
+            was_cached=was_cached,
+            mtime_ns=mtime_ns,
+            shared=store.pins[node.ino] > 0,
+        )
+        return w
+
+    def drop_new_row(self, ino: int) -> None:
+        """Remove the row of a file created a moment ago whose write could not even begin."""
+        if ino not in self.store.writers:
+            self.space.index_write(lambda: self.index.remove(ino))
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def mark_dirty(self, w: Writer) -> None:
+        w.generation += 1
+        if not w.dirty:
+            w.dirty = True
+            if w.committed:
+                # Written again after an upload: the cached copy no longer matches S3.
+                states.writing(self.store, w.ino)
+
+    def wrote(self, w: Writer, off: int, n: int) -> None:
+        """After every write(): keep a sequential writer's full parts flowing to S3 as they are
+        written, so that close() of a large file waits only for its tail."""
+        self.mark_dirty(w)
+        if w.pipeline_off:
+            return
+        if off != w.seq_end:
+            self._drop_pipeline(w)
+            return
+        w.seq_end += n
+        pl = w.pipeline
+        opts = self.s3.opts
+        nursery = self.store.nursery
+        if pl is None:
+            if nursery is None or w.seq_end < opts.multipart_threshold:
+                return
+            if self.policies.klass(self.index.relpath(w.ino)).local_only:
+                w.pipeline_off = True
+                return
+            pl = w.pipeline = Pipeline(
+                MultipartUpload(self.s3, self.store.key(w.ino)), opts.multipart_chunksize
+            )
+            nursery.start_soon(self._pump, w, pl)
+        elif w.seq_end > pl.part_size * 10_000:  # S3's part limit: let close() choose bigger parts
+            self._drop_pipeline(w)
+            return
+        pl.more.set()
+
+    def write_failed(self, w: Writer, e: OSError) -> None:
+        w.failed = e.errno or errno.EIO
+        self.mark_dirty(w)
+        self._drop_pipeline(w)
+
+    def truncated(self, w: Writer) -> None:
+        self.mark_dirty(w)
+        self._drop_pipeline(w)
+
+    # -- uploading ----------------------------------------------------------------------------------
+
+    async def upload(self, w: Writer) -> None:
+        """Make S3 hold exactly the staging file's bytes; on return the write is durable."""
+        store = self.store
+        async with w.lock:
+            if w.failed is not None:
+                raise OSError(w.failed, "an earlier write to this file failed; nothing was uploaded")
+            if not w.dirty or w.unlinked:
+                return
+            generation = w.generation
+            # The index must be able to record the result before S3 is changed (a full cache disk
+            # fails here, with nothing done), so that S3 and the index cannot disagree.
+            self.space.index_writable()
+            rel = self.index.relpath(w.ino)
+            if self.policies.klass(rel).local_only:
+                await self._commit_local(w, generation)
+                return
+            if os.fstat(w.fd).st_size == 0:
+                # Never a 0-byte object in the bucket: an empty file lives in the cache only. If it
+                # replaced an object, that object is deleted now, before close() returns, so that a
+                # crash cannot bring the old bytes back. (Shells open, dup2 and close a file before
+                # the data arrives, `cmd > file`; the object is then written at the last close.)
+                await self._settle_empty(w, generation)
+                return
+            # Uploads read the file in worker threads; the size at this moment is what gets committed.
+            info = await self._finish_pipeline(w)
+            if info is None:
+                info = await self.s3.put_file(store.prefix + rel, w.path)
+            if w.unlinked:
+                # Unlinked while the upload ran; unlink waits for this lock, then deletes the object.
+                return
+            assert self.index.get(w.ino) is not None, "a written file's row is only removed by unlink"
+            self.evictor.make_room(info.size)
+            w.path = store.place(w.path, w.ino)
+            states.cached(store, self.space.index_write, w.ino, info.size, info.etag, w.mtime_ns, info.md5)
+            w.prev = (info.size, info.etag)
+            self._committed(w, generation)
+            store.stats["uploads"] += 1
+            store.stats["uploaded_bytes"] += info.size
+
+    def _committed(self, w: Writer, generation: int) -> None:
+        """The bytes of `generation` are committed. If the file was written meanwhile, what was
+        committed is an older state: it stays dirty (and WRITING), so the next close() uploads."""
+        w.committed = True
+        if w.generation == generation:
+            w.dirty = False
+            return
+        w.dirty = True
+        states.writing(self.store, w.ino)
+
+    async def _commit_local(self, w: Writer, generation: int) -> None:
+        """close() of a local-only file: durable on the cache disk (fsync), never sent to S3."""
+        md5 = await trio.to_thread.run_sync(_fsync_and_hash, w.fd, limiter=self.disk)
+        if w.unlinked:
+            return
+        size = os.fstat(w.fd).st_size
+        self.evictor.make_room(size)
+        w.path = self.store.place(w.path, w.ino)
+        states.local(self.store, self.space.index_write, w.ino, size, w.mtime_ns, md5)
+        self._committed(w, generation)
+
+    async def _settle_empty(self, w: Writer, generation: int) -> None:
+        """Commit an empty file (with w.lock held): kept in the cache only, as LOCAL, since S3 never
+        gets a 0-byte object. If it replaced an object, that object is deleted first; if the delete
+        fails, so does the close(), and the last release goes back to the version S3 still holds."""
+        if w.prev is not None:
+            await self.s3.delete(self.store.key(w.ino))
+            w.prev = None
+        if w.unlinked:
+            return
+        w.path = self.store.place(w.path, w.ino)
+        states.local(self.store, self.space.index_write, w.ino, 0, w.mtime_ns, EMPTY_MD5)
+        self._committed(w, generation)
+
+    # -- pipelined multipart uploads ------------------------------------------------------------------
+
+    def _drop_pipeline(self, w: Writer) -> None:
+        w.pipeline_off = True
+        pl, w.pipeline = w.pipeline, None
+        if pl is not None:
+            pl.stop = True
+            pl.more.set()
+            if self.store.nursery is not None:
+                self.store.nursery.start_soon(self._discard, pl)
+
+    async def _discard(self, pl: Pipeline) -> None:
+        await pl.done.wait()
+        await pl.mpu.abort()
+
+    async def _pump(self, w: Writer, pl: Pipeline) -> None:
+        try:
+            await pl.mpu.start()
+            async with trio.open_nursery() as parts:
+                parts.start_soon(self._hash_along, w, pl)
+                while not pl.stop:
+                    while pl.scheduled_end + pl.part_size <= w.seq_end and not pl.stop:
+                        number = pl.scheduled_end // pl.part_size + 1
+                        parts.start_soon(pl.mpu.upload_part, number, w.path, pl.scheduled_end, pl.part_size)
+                        pl.scheduled_end += pl.part_size
+                        pl.scheduled.set()
+                    await pl.more.wait()
+                    pl.more = trio.Event()
+                pl.scheduled.set()
+        except Exception as e:
+            pl.error = e
+            log.info("pipelined upload of %s failed (%s); close() uploads the whole file", pl.mpu.key, e)
+        finally:
+            pl.done.set()
+
+    async def _hash_along(self, w: Writer, pl: Pipeline) -> None:
+        """Hash the parts in order as they are handed out (their bytes no longer change: any write
+        that does not append ends the pipeline)."""
+        while True:
+            if pl.hashed < pl.scheduled_end:
+                end = pl.scheduled_end
+                await trio.to_thread.run_sync(
+                    _md5_update_path, pl.md5, w.path, pl.hashed, end, limiter=self.disk
+                )
+                pl.hashed = end
+            elif pl.stop:
+                return
+            else:
+                await pl.scheduled.wait()
+                pl.scheduled = trio.Event()
+
+    async def _finish_pipeline(self, w: Writer) -> ObjectInfo | None:
+        """At close(): upload the tail and complete, or None if the whole file must be uploaded."""
+        pl, w.pipeline = w.pipeline, None
+        w.pipeline_off = True  # one pipeline per write: later writes are uploaded whole
+        if pl is None:
+            return None
+        pl.stop = True
+        pl.more.set()
+        await pl.done.wait()
+        size = os.fstat(w.fd).st_size
+        if pl.error is not None or size < pl.scheduled_end or size < self.s3.opts.multipart_threshold:
+            await pl.mpu.abort()
+            return None
+
+        async def hash_tail() -> None:
+            await trio.to_thread.run_sync(
+                _md5_update_path, pl.md5, w.path, pl.hashed, size, limiter=self.disk
+            )
+
+        try:
+            with first_error():
+                async with trio.open_nursery() as tail:
+                    tail.start_soon(hash_tail)
+                    off = pl.scheduled_end
+                    while off < size:
+                        length = min(pl.part_size, size - off)
+                        tail.start_soon(pl.mpu.upload_part, off // pl.part_size + 1, w.path, off, length)
+                        off += length
+            etag = await pl.mpu.complete()
+        except BaseException:
+            await pl.mpu.abort()
+            raise
+        self.store.stats["pipelined_uploads"] += 1
+        return ObjectInfo(pl.mpu.key, size, etag, 0, pl.md5.hexdigest())
+
+    # -- the last release ---------------------------------------------------------------------------
+
+    async def finish(self, w: Writer) -> bool:
+        """Last write handle closed. Returns True if the row was removed (the write never reached S3).
+
+        An open for writing that arrives while this awaits waits for it (start), then starts a
+        writer of its own on what the index says by then."""
+        w.closing = trio.Event()
+        try:
+            self._drop_pipeline(w)
+            if w.failed is None and w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
+                # Emptied, and no close() settled it (a truncate through an fd that was never
+                # flushed, say): the last release does it, with errors only logged.
+                try:
+                    async with w.lock:
+                        await self._settle_empty(w, w.generation)
+                except (S3Error, OSError) as e:
+                    log.warning("could not delete %s after it was emptied: %s", self.store.key(w.ino), e)
+        finally:
+            try:
+                removed = self._retire(w)
+            finally:
+                w.closing.set()
+        return removed
+
+    @staticmethod
+    def kernel_copy_current(w: Writer) -> bool:
+        """After finish: whether every page of the file the kernel may hold is the committed
+        version. Writes pass through the kernel's page cache (and a write-open drops what it held
+        before), so that holds unless the upload failed or other handles could read meanwhile."""
+        return w.committed and not w.dirty and not w.unlinked and not w.shared and w.failed is None
+
+    def _retire(self, w: Writer) -> bool:
+        # Files before the index: removing the staging file frees the space that the index update
+        # below needs when the cache disk is full. If that update fails anyway, the row stays
+        # WRITING and states.orphaned() puts it right later.
+        store = self.store
+        reverting = not w.unlinked and (w.dirty or not w.committed)
+        del store.writers[w.ino]
+        os.close(w.fd)
+        if not w.committed:
+            unlink_quiet(w.path)
+        elif reverting:
+            store.unlink_data(w.ino)  # committed once, then changed: not what S3 holds
+        if not reverting:
+            return False
+        # The upload failed (close() returned an error), or nothing was written: S3 still holds the
+        # previous version (or nothing), so the index goes back to saying exactly that. Never
+        # uploaded: the cached copy the write started from is still the object in S3.
+        intact = (
+            w.prev is not None
+            and w.was_cached
+            and not w.committed
+            and _has_size(store.data_path(w.ino), w.prev[0])
+        )
+        return states.reverted(store, self.space.index_write, w.ino, w.prev, intact)
+
+
+def _md5_update_path(md5: hashlib._Hash, path: str, start: int, end: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        md5_update(md5, fd, start, end)
+    finally:
+        os.close(fd)
+
+
+def _fsync_and_hash(fd: int) -> str:
+    os.fsync(fd)
+    return md5_fd(fd)
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    with os.fdopen(os.dup(src), "rb") as fin, os.fdopen(os.dup(dst), "wb") as fout:
+        fin.seek(0)
+        shutil.copyfileobj(fin, fout, 1024 * 1024)
+
+
+def _has_size(path: str, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except FileNotFoundError:
+        return False
