@@ -55,6 +55,7 @@ from .config import (
     load_config_file,
     s3_key,
 )
+from .procmounts import mount_of
 from .s3 import (
     AccessDenied,
     NoSuchBucket,
@@ -143,22 +144,11 @@ def options_from_args(args: argparse.Namespace) -> ImportOptions:
 def _on_s3cachefs_mount(path: Path) -> bool:
     """Is `path` inside an s3cachefs mount? Importing the mount into its own bucket with --delete-source
     would delete the objects themselves."""
-    real = os.path.realpath(path)
-    best, best_is_ours = "", False
     try:
-        with open("/proc/mounts") as f:
-            lines = f.readlines()
+        m = mount_of(path)
     except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
-        inside = real == where or real.startswith(where.rstrip("/") + "/")
-        if inside and len(where) >= len(best):
-            best, best_is_ours = where, fields[2] == "fuse.s3cachefs" or fields[0].startswith("s3cachefs:")
-    return best_is_ours
+        return False  # no /proc: nothing to check against
+    return m is not None and (m.fstype == "fuse.s3cachefs" or m.source.startswith("s3cachefs:"))
 
 
 # -- walking --------------------------------------------------------------------------------------------
