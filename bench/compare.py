@@ -903,22 +903,30 @@ class Bench:
             f"until durable (close p50 {pct(close or lat, 0.5):.2f} ms, lag {t_durable - t_closed:.2f}s)"
         )
 
-    def small_hot(self, system: System, files: list[FileSpec], run: int) -> None:
+    def read_small_files(
+        self, system: System, files: list[FileSpec], passes: int = 1
+    ) -> tuple[list[float], list[ReadTimes]]:
+        """Read each file whole `passes` times, one after the other, checking its bytes. Returns the ms
+        of every read, and (through a filesystem) the steps of each."""
         lat: list[float] = []
         steps: list[ReadTimes] = []
+        for _ in range(passes):
+            for f in files:
+                if system.is_fs:
+                    rt, got = read_small(system.root / f.rel)
+                    steps.append(rt)
+                    dt = rt.total
+                else:
+                    t0 = perf()
+                    got = self.client.get_object(Bucket=system.bucket, Key=f.rel)["Body"].read()
+                    dt = perf() - t0
+                check_bytes(f.rel, got, f.data)
+                lat.append(dt * 1000)
+        return lat, steps
+
+    def small_hot(self, system: System, files: list[FileSpec], run: int) -> None:
         with self.phase(system, "small_hot", run), watchdog(system, 900, "hot small reads"):
-            for _ in range(HOT_PASSES):
-                for f in files:
-                    if system.is_fs:
-                        rt, got = read_small(system.root / f.rel)
-                        steps.append(rt)
-                        dt = rt.total
-                    else:
-                        t0 = perf()
-                        got = self.client.get_object(Bucket=system.bucket, Key=f.rel)["Body"].read()
-                        dt = perf() - t0
-                    check_bytes(f.rel, got, f.data)
-                    lat.append(dt * 1000)
+            lat, steps = self.read_small_files(system, files, HOT_PASSES)
         self.res.add("sh_fps", system.name, len(lat) / (sum(lat) / 1000))
         self.res.add("sh_ms", system.name, lat)
         if steps:
@@ -1012,20 +1020,8 @@ class Bench:
                 system.kill()
 
     def cold_small(self, system: System, files: list[FileSpec], run: int) -> None:
-        lat = []
-        steps: list[ReadTimes] = []
         with self.phase(system, "cold_small", run), watchdog(system, 900, "cold small reads"):
-            for f in files:
-                if system.is_fs:
-                    rt, got = read_small(system.root / f.rel)
-                    steps.append(rt)
-                    dt = rt.total
-                else:
-                    t0 = perf()
-                    got = self.client.get_object(Bucket=system.bucket, Key=f.rel)["Body"].read()
-                    dt = perf() - t0
-                check_bytes(f.rel, got, f.data)
-                lat.append(dt * 1000)
+            lat, steps = self.read_small_files(system, files)
         self.res.add("sc_fps", system.name, len(lat) / (sum(lat) / 1000))
         self.res.add("sc_ms", system.name, lat)
         if steps:
