@@ -6,7 +6,7 @@ Starts its own SeaweedFS on loopback (free ports) and an s3cachefs mount, then, 
 and prints medians, p90 and the ratio. Timings are noisy on a shared 2-core machine: compare the
 ratio, not the absolute figures.
 
-    python bench/close_latency.py [--count 200] [--size 48K]
+    python -m bench.close_latency [--count 200] [--size 48K]
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import base64
 import hashlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from s3cachefs.config import parse_size  # noqa: E402
-from tests.harness import Mount, S3Server  # noqa: E402
+from s3cachefs.config import parse_size
+from tests.harness import Mount, S3Server
 
 
 def _pct(values: list[float], q: float) -> float:

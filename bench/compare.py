@@ -37,7 +37,7 @@ Every byte read is compared with what was written; a system that returns wrong b
 is FAILED for that workload, never fast. Cold phases drop the kernel's page cache (sync; echo 3 >
 /proc/sys/vm/drop_caches): this needs root and affects everything else on the machine.
 
-    python bench/compare.py [--runs 3] [--quick] [--only s3cachefs,rclone] [--workloads small,large]
+    python -m bench.compare [--runs 3] [--quick] [--only s3cachefs,rclone] [--workloads small,large]
 
 Writes BENCHMARKS.md (full runs; --output to choose, --output '' for none) and a JSON of every sample.
 """
@@ -69,16 +69,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 try:
     import boto3.s3.transfer
     import botocore
 except ImportError as e:  # the project's virtualenv has them (scripts/install.sh)
     sys.exit(f"bench/compare.py: {e}; run it with the project's virtualenv python (e.g. .venv/bin/python)")
-from compare_systems import (  # noqa: E402
+from bench.compare_systems import (
     ALL_SYSTEMS,
     FloorSystem,
     MountSystem,
@@ -91,8 +87,7 @@ from compare_systems import (  # noqa: E402
     bench_client,
     find_binary,
 )
-
-from tests.harness import S3Server, weed_binary  # noqa: E402
+from tests.harness import REPO_ROOT, S3Server, weed_binary
 
 KiB, MiB = 1024, 1024 * 1024
 WRITE_CHUNK = 64 * KiB  # Synapse's store_into_file copies in chunks of this order
@@ -835,7 +830,7 @@ class Bench:
                 self.floor.kill()
 
     def floor_hot(self, count: int) -> None:
-        from pyfuse3_floor import DATA
+        from bench.pyfuse3_floor import DATA
 
         paths = [self.floor.root / f"dm{i % 50:02d}/dx/f{i:06d}" for i in range(count)]
         for p in paths:
@@ -851,7 +846,7 @@ class Bench:
         log(f"pyfuse3 floor: hot small reads {len(lat) / (sum(lat) / 1000):.0f} files/s")
 
     def floor_stat(self) -> None:
-        from pyfuse3_floor import FILE_SIZE
+        from bench.pyfuse3_floor import FILE_SIZE
 
         # The stat tree's shape (4 levels, one file per leaf directory); directories start with "d".
         paths = [
@@ -908,22 +903,30 @@ class Bench:
             f"until durable (close p50 {pct(close or lat, 0.5):.2f} ms, lag {t_durable - t_closed:.2f}s)"
         )
 
-    def small_hot(self, system: System, files: list[FileSpec], run: int) -> None:
+    def read_small_files(
+        self, system: System, files: list[FileSpec], passes: int = 1
+    ) -> tuple[list[float], list[ReadTimes]]:
+        """Read each file whole `passes` times, one after the other, checking its bytes. Returns the ms
+        of every read, and (through a filesystem) the steps of each."""
         lat: list[float] = []
         steps: list[ReadTimes] = []
+        for _ in range(passes):
+            for f in files:
+                if system.is_fs:
+                    rt, got = read_small(system.root / f.rel)
+                    steps.append(rt)
+                    dt = rt.total
+                else:
+                    t0 = perf()
+                    got = self.client.get_object(Bucket=system.bucket, Key=f.rel)["Body"].read()
+                    dt = perf() - t0
+                check_bytes(f.rel, got, f.data)
+                lat.append(dt * 1000)
+        return lat, steps
+
+    def small_hot(self, system: System, files: list[FileSpec], run: int) -> None:
         with self.phase(system, "small_hot", run), watchdog(system, 900, "hot small reads"):
-            for _ in range(HOT_PASSES):
-                for f in files:
-                    if system.is_fs:
-                        rt, got = read_small(system.root / f.rel)
-                        steps.append(rt)
-                        dt = rt.total
-                    else:
-                        t0 = perf()
-                        got = self.client.get_object(Bucket=system.bucket, Key=f.rel)["Body"].read()
-                        dt = perf() - t0
-                    check_bytes(f.rel, got, f.data)
-                    lat.append(dt * 1000)
+            lat, steps = self.read_small_files(system, files, HOT_PASSES)
         self.res.add("sh_fps", system.name, len(lat) / (sum(lat) / 1000))
         self.res.add("sh_ms", system.name, lat)
         if steps:
@@ -1017,20 +1020,8 @@ class Bench:
                 system.kill()
 
     def cold_small(self, system: System, files: list[FileSpec], run: int) -> None:
-        lat = []
-        steps: list[ReadTimes] = []
         with self.phase(system, "cold_small", run), watchdog(system, 900, "cold small reads"):
-            for f in files:
-                if system.is_fs:
-                    rt, got = read_small(system.root / f.rel)
-                    steps.append(rt)
-                    dt = rt.total
-                else:
-                    t0 = perf()
-                    got = self.client.get_object(Bucket=system.bucket, Key=f.rel)["Body"].read()
-                    dt = perf() - t0
-                check_bytes(f.rel, got, f.data)
-                lat.append(dt * 1000)
+            lat, steps = self.read_small_files(system, files)
         self.res.add("sc_fps", system.name, len(lat) / (sum(lat) / 1000))
         self.res.add("sc_ms", system.name, lat)
         if steps:
@@ -1643,7 +1634,7 @@ def report(bench: Bench, started: float, load_before: str, load_after: str, cmdl
         "## Method",
         "",
         METHOD,
-        "Run it: `bash bench/install_peers.sh && python bench/compare.py` (as root, with the project's "
+        "Run it: `bash bench/install_peers.sh && python -m bench.compare` (as root, with the project's "
         "virtualenv python). `--quick` for a smoke run, `--runs N`, `--only s3cachefs,boto3`, "
         "`--workloads small,large`, `--py-spy DIR` to profile the s3cachefs daemon (perturbs the figures).",
         "",
@@ -1714,7 +1705,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     if args.output is None:
-        args.output = "" if args.quick else str(REPO / "BENCHMARKS.md")
+        args.output = "" if args.quick else str(REPO_ROOT / "BENCHMARKS.md")
     return args
 
 
@@ -1731,7 +1722,7 @@ def main(argv: list[str] | None = None) -> int:
         log("!! not root: the page cache cannot be dropped; cold reads will be warm in the kernel")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="s3cfs-compare-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    cmdline = "python bench/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cmdline = "python -m bench.compare " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

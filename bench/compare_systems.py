@@ -31,10 +31,8 @@ from typing import IO
 import boto3
 import botocore.config
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.harness import TEST_REGION, S3Server, fusermount_unmount, is_mounted, tail  # noqa: E402
+from s3cachefs.procmounts import mount_of
+from tests.harness import REPO_ROOT, TEST_REGION, S3Server, fusermount_unmount, is_mounted, tail
 
 
 class SystemError_(RuntimeError):
@@ -266,7 +264,9 @@ class S3cachefsSystem(MountSystem):
         self.snapshot_diff = ""
         shutil.rmtree(self.src, ignore_errors=True)
         shutil.copytree(
-            REPO / "s3cachefs", self.src / "s3cachefs", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            REPO_ROOT / "s3cachefs",
+            self.src / "s3cachefs",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
         self._version = self._describe_snapshot()
 
@@ -279,20 +279,20 @@ class S3cachefsSystem(MountSystem):
 
     def _describe_snapshot(self) -> str:
         """The commit, and whether the snapshot equals that commit's s3cachefs/ (else a hash of it)."""
-        rev = _run_version(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+        rev = _run_version(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])
         snap: dict[str, bytes] = {}
         for path in sorted((self.src / "s3cachefs").rglob("*")):
             if path.is_file():
                 snap[str(path.relative_to(self.src))] = path.read_bytes()
         head: dict[str, bytes] = {}
         listing = subprocess.run(
-            ["git", "-C", str(REPO), "ls-tree", "-r", "HEAD", "--", "s3cachefs"],
+            ["git", "-C", str(REPO_ROOT), "ls-tree", "-r", "HEAD", "--", "s3cachefs"],
             capture_output=True, text=True, timeout=20, check=False,
         ).stdout  # fmt: skip
         for line in listing.splitlines():
             meta, name = line.split("\t", 1)
             blob = subprocess.run(
-                ["git", "-C", str(REPO), "cat-file", "blob", meta.split()[2]],
+                ["git", "-C", str(REPO_ROOT), "cat-file", "blob", meta.split()[2]],
                 capture_output=True, timeout=20, check=False,
             ).stdout  # fmt: skip
             head[name] = blob
@@ -435,16 +435,17 @@ class LocalSystem(System):
 
 
 def _fs_type(path: Path) -> str:
-    """Filesystem type and device of the mount that holds `path` (longest matching mount point)."""
-    best = ("", "?", "?")
-    p = str(path.resolve())
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, typ = line.split()[:3]
-            mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mnt)
-            if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                best = (mnt, dev, typ)
-    return f"{best[2]} on {best[1]}"
+    """Filesystem type and device of the mount that holds `path`."""
+    m = mount_of(path)
+    return f"{m.fstype} on {m.source}" if m is not None else "? on ?"
+
+
+def _checkout_env(server: S3Server) -> dict[str, str]:
+    """For the floors, which run as modules of this checkout (`-m bench.…`) from the work directory."""
+    env = server.env()
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 class FloorSystem(MountSystem):
@@ -455,7 +456,10 @@ class FloorSystem(MountSystem):
     s3_backed = False
 
     def command(self, bucket: str) -> list[str]:
-        return [sys.executable, str(Path(__file__).resolve().parent / "pyfuse3_floor.py"), str(self.mnt)]
+        return [sys.executable, "-m", "bench.pyfuse3_floor", str(self.mnt)]
+
+    def env(self) -> dict[str, str]:
+        return _checkout_env(self.server)
 
 
 class S3FloorSystem(MountSystem):
@@ -466,11 +470,12 @@ class S3FloorSystem(MountSystem):
     role = "limit"
 
     def command(self, bucket: str) -> list[str]:
-        floor = Path(__file__).resolve().parent / "pyfuse3_s3_floor.py"
-        return [sys.executable, str(floor), bucket, str(self.mnt), self.server.endpoint_url, TEST_REGION]
+        return [
+            sys.executable, "-m", "bench.pyfuse3_s3_floor", bucket, str(self.mnt), self.server.endpoint_url, TEST_REGION
+        ]  # fmt: skip
 
     def env(self) -> dict[str, str]:
-        return {**self.server.env(), "PYTHONUNBUFFERED": "1"}
+        return _checkout_env(self.server)
 
     def requests(self, timeout: float = 10.0) -> dict[str, float]:
         """The FUSE requests it served since the previous call, by operation, and its ms in boto3 calls

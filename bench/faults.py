@@ -8,7 +8,7 @@ wiped between mounts. Prints one table row per fault kind and exits 1 if any pas
 violated (acknowledged write missing or wrong, 0-byte or partial object, unexpected object, wrong
 view through the mount, hang past the bound, unexplained leftover multipart upload).
 
-    sudo python bench/faults.py [--writes 1000] [--seed 1] [--only KIND ...] [--keep]
+    sudo python -m bench.faults [--writes 1000] [--seed 1] [--only KIND ...] [--keep]
 
 Needs root (FUSE and the tmpfs mount), like the test suite.
 """
@@ -24,11 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.harness import HarnessError, Mount, S3Server, check_fuse_available  # noqa: E402
-from tests.test_faults import (  # noqa: E402
+from tests.harness import HarnessError, Mount, S3Server, check_fuse_available
+from tests.test_faults import (
     KINDS,
     WEIGHTS,
     Tally,

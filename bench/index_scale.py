@@ -38,7 +38,7 @@ Acceptance (issue): with a synthetic index of 1,000,000 objects, mount ready <= 
 Every figure is measured; PASS/FAIL compares it with the target. The exit status is 0 even when a target
 is missed (a benchmark, not a test); it is 1 only when the benchmark itself fails.
 
-    python bench/index_scale.py [--objects 1000000] [--cached-fraction 0.3] [--workdir DIR] [--keep]
+    python -m bench.index_scale [--objects 1000000] [--cached-fraction 0.3] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -66,17 +66,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import trio
 
-import trio  # noqa: E402
-
-from s3cachefs.cache import LOW_WATERMARK, Cache, Limits  # noqa: E402
-from s3cachefs.config import DEFAULT_POLICIES, S3Options  # noqa: E402
-from s3cachefs.index import ROOT_INO, Index, State  # noqa: E402
-from s3cachefs.s3 import S3  # noqa: E402
-from tests import harness  # noqa: E402
-from tests.harness import TEST_REGION, HarnessError, Mount, S3Server  # noqa: E402
+from s3cachefs.cache import LOW_WATERMARK, Cache, Limits
+from s3cachefs.config import DEFAULT_POLICIES, S3Options
+from s3cachefs.index import ROOT_INO, Index, State
+from s3cachefs.procmounts import mount_of
+from s3cachefs.s3 import S3
+from tests import harness
+from tests.harness import TEST_REGION, HarnessError, Mount, S3Server
 
 MIB = 1024**2
 GIB = 1024**3
@@ -823,15 +821,11 @@ def load_average() -> str:
 
 def fs_info(path: Path) -> str:
     """Type, device and the options that matter for unlink cost of the filesystem holding `path`."""
-    best = ("", "?", "?", "")
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mnt, fstype, opts = line.split()[:4]
-            inside = str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) > len(best[0]):
-                best = (mnt, dev, fstype, opts)
-    mnt, dev, fstype, opts = best
-    notes = [o for o in opts.split(",") if o in ("discard", "nodiscard", "sync", "dirsync")]
+    m = mount_of(path)
+    if m is None:
+        return "? ? on ?"
+    mnt, dev, fstype = m.point, m.source, m.fstype
+    notes = [o for o in m.options if o in ("discard", "nodiscard", "sync", "dirsync")]
     with contextlib.suppress(OSError):
         task = Path(f"/sys/fs/ext4/{os.path.basename(dev)}/journal_task").read_text().strip()
         notes.append("no journal" if task == "<none>" else "journal")

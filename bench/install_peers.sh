@@ -9,7 +9,7 @@
 # set, else the active virtualenv ($VIRTUAL_ENV), else the checkout's .venv (scripts/install.sh), else
 # `python` on PATH.
 #
-#   . .venv/bin/activate && sudo -E bash bench/install_peers.sh && python bench/compare.py
+#   . .venv/bin/activate && sudo -E bash bench/install_peers.sh && python -m bench.compare
 #   sudo PYTHON=/opt/s3cachefs/venv/bin/python bash bench/install_peers.sh
 set -euo pipefail
 

@@ -10,7 +10,7 @@ Prints progress after every batch, then the operations executed, examples, misma
 breakdown per operation. On a mismatch, Hypothesis shrinks it and the minimal failing sequence is
 printed (with the calls as the mount saw them and the mount's log).
 
-    python bench/model_long.py [--operations 100000] [--max-minutes 60] [--steps 200]
+    python -m bench.model_long [--operations 100000] [--max-minutes 60] [--steps 200]
                                [--avoid rename-empty-file,...] [--workdir DIR] [--keep]
 
 Exit codes: 0 the target was reached with no mismatch; 1 a mismatch (a bug, or a model error);
@@ -30,14 +30,11 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
 
-from hypothesis import HealthCheck, settings  # noqa: E402
-from hypothesis.stateful import run_state_machine_as_test  # noqa: E402
-
-from tests.harness import HarnessError, S3Server, check_fuse_available  # noqa: E402
-from tests.model import KNOWN_BUGS, Env, Tuning, machine_for  # noqa: E402
+from tests.harness import HarnessError, S3Server, check_fuse_available
+from tests.model import KNOWN_BUGS, Env, Tuning, machine_for
 
 
 def main() -> int:

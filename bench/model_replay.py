@@ -5,7 +5,7 @@ example ---", one per line: `write('a/b', 65 bytes seed=5274) -> None`). Save th
 and replay them; after every call the watched key is read from S3 directly, and a line is printed
 whenever its state changes (or the call names it):
 
-    python bench/model_replay.py CALLS.txt KEY
+    python -m bench.model_replay CALLS.txt KEY
 
 It reproduces a mismatch that does not depend on timing, and shows which call changed the key. The
 outcomes recorded in the file are not checked (the model does that); the mount runs with the
@@ -20,8 +20,6 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import Mount, S3Server, wait_until
 from tests.model import MOUNT_ARGS, Tuning

@@ -6,7 +6,7 @@ no S3. compare.py mounts it for a moment and measures the same hot small reads a
 (after dropping the kernel's dentries) as for the real systems, so that a target which asks for more
 than this floor can be shown to be out of reach for a Python FUSE daemon rather than for s3cachefs.
 
-    python bench/pyfuse3_floor.py MOUNTPOINT      # serves until unmounted (fusermount3 -u)
+    python -m bench.pyfuse3_floor MOUNTPOINT      # serves until unmounted (fusermount3 -u)
 """
 
 from __future__ import annotations

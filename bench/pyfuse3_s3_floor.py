@@ -15,7 +15,7 @@ request is counted by operation, and the milliseconds spent inside boto3 calls (
 worker thread) and around them ("to_thread ms", the thread hops too) are summed; SIGUSR1 prints these
 since the previous print as one line `requests {json}` on stdout.
 
-    python bench/pyfuse3_s3_floor.py BUCKET MOUNTPOINT ENDPOINT_URL REGION   # credentials: AWS_* env
+    python -m bench.pyfuse3_s3_floor BUCKET MOUNTPOINT ENDPOINT_URL REGION   # credentials: AWS_* env
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import botocore.exceptions
 import pyfuse3
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from s3cachefs.config import Config, S3Options
 from s3cachefs.fs import ATTR_TIMEOUT, ENTRY_TIMEOUT, NEGATIVE_TIMEOUT
 from s3cachefs.mount import _set_read_ahead

@@ -9,7 +9,7 @@ with 200), and at the cleaner's next pass "d" is gone. This is what the model-ba
 "an object missing from the bucket that the mount still listed", about once per 30,000 operations,
 since it reuses a few names as files and directories in turn.
 
-Run: python bench/seaweedfs_folder_cleaner.py [--delay 1s] [--wait 40]
+Run: python -m bench.seaweedfs_folder_cleaner [--delay 1s] [--wait 40]
 Starts one `weed mini` with the cleaner's delay set to --delay and one with the delay the test
 harness uses (never), writes each sequence below with boto3, waits --wait seconds (past one pass of
 the cleaner) and reads every key back. Exit code 0 when the harness's server lost nothing.
@@ -22,8 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.harness import NEVER, S3Server
 

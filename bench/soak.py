@@ -55,7 +55,7 @@ Readers pause --reader-pause (0.02 s) and writers --writer-pause (0.1 s) between
 leaves a shared machine some CPU; SeaweedFS gets about 0.5 GiB a minute of writes (deletes balance the
 count, not the disk space, until SeaweedFS vacuums): keep a few tens of GiB free for a 30-minute run.
 
-    sudo python bench/soak.py [--minutes 30] [--readers 16] [--writers 4] [--cache-size 64M] [--interval 60]
+    sudo python -m bench.soak [--minutes 30] [--readers 16] [--writers 4] [--cache-size 64M] [--interval 60]
 """
 
 from __future__ import annotations
@@ -85,11 +85,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from s3cachefs.config import parse_size  # noqa: E402
-from tests.harness import HarnessError, Mount, S3Server, check_fuse_available, tail  # noqa: E402
+from s3cachefs.config import parse_size
+from tests.harness import REPO_ROOT, HarnessError, Mount, S3Server, check_fuse_available, tail
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -798,7 +795,7 @@ class Probe:
         try:
             r = subprocess.run(
                 [sys.executable, "-m", "s3cachefs.cli", "status", str(self.mount.path), "--json"],
-                cwd=REPO, env=self.mount.env(), capture_output=True, text=True, timeout=30, check=False,
+                cwd=REPO_ROOT, env=self.mount.env(), capture_output=True, text=True, timeout=30, check=False,
             )  # fmt: skip
             if r.returncode == 0:
                 self.status = json.loads(r.stdout)

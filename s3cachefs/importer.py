@@ -25,7 +25,6 @@ back and compare MD5s instead.
 from __future__ import annotations
 
 import argparse
-import base64
 import concurrent.futures as cf
 import dataclasses
 import enum
@@ -39,14 +38,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-import botocore.exceptions
-import trio
 from tqdm import tqdm
 
 from .config import (
@@ -58,31 +55,28 @@ from .config import (
     load_config_file,
     s3_key,
 )
+from .procmounts import mount_of
 from .s3 import (
-    S3,
     AccessDenied,
     NoSuchBucket,
-    NotFound,
+    Part,
     S3Error,
+    SyncS3,
     Unavailable,
-    _translate,
-    make_client,
     md5_file,
+    md5_of_etag,
+    multipart_etag,
+    multipart_etag_of_file,
+    parts_of,
 )
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef, HeadObjectOutputTypeDef
+    from mypy_boto3_s3.type_defs import HeadObjectOutputTypeDef
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-T = TypeVar("T")
 
 EXIT_OK, EXIT_INCOMPLETE = 0, 1
-_READ_CHUNK = 1024 * 1024
-_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 _MULTIPART_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})-([0-9]+)"?$')
-_MAX_PARTS = 10_000
 # Failures and unsupported files named in the summary; the rest are only counted (all are printed as
 # they happen).
 _SHOWN = 10
@@ -150,22 +144,11 @@ def options_from_args(args: argparse.Namespace) -> ImportOptions:
 def _on_s3cachefs_mount(path: Path) -> bool:
     """Is `path` inside an s3cachefs mount? Importing the mount into its own bucket with --delete-source
     would delete the objects themselves."""
-    real = os.path.realpath(path)
-    best, best_is_ours = "", False
     try:
-        with open("/proc/mounts") as f:
-            lines = f.readlines()
+        m = mount_of(path)
     except OSError:
-        return False
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
-        inside = real == where or real.startswith(where.rstrip("/") + "/")
-        if inside and len(where) >= len(best):
-            best, best_is_ours = where, fields[2] == "fuse.s3cachefs" or fields[0].startswith("s3cachefs:")
-    return best_is_ours
+        return False  # no /proc: nothing to check against
+    return m is not None and (m.fstype == "fuse.s3cachefs" or m.source.startswith("s3cachefs:"))
 
 
 # -- walking --------------------------------------------------------------------------------------------
@@ -282,29 +265,6 @@ def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-def part_size_for(size: int, chunksize: int) -> int:
-    """The mount's rule: the configured part size, doubled until the file needs at most 10,000 parts."""
-    while (size + chunksize - 1) // chunksize > _MAX_PARTS:
-        chunksize *= 2
-    return chunksize
-
-
-def multipart_etag(path: str, part_size: int) -> str:
-    """The ETag S3 gives a multipart upload of this file in parts of `part_size`: md5(part md5s)-N."""
-    digests = []
-    with open(path, "rb") as f:
-        while True:
-            part = hashlib.md5()
-            left = part_size
-            while left and (chunk := f.read(min(_READ_CHUNK, left))):
-                part.update(chunk)
-                left -= len(chunk)
-            if left == part_size:
-                break
-            digests.append(part.digest())
-    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
-
-
 class _Progress:
     """Bytes handled so far, added to by the workers (per part) and the main thread (per file)."""
 
@@ -318,24 +278,14 @@ class _Progress:
 
 
 class _Uploader:
-    """Synchronous S3 work for one file at a time, called from the worker threads (boto3 clients are
-    thread-safe). Single PUTs go through s3.S3's own code, so SSE-C and the storage class are applied
-    exactly as the mount applies them."""
+    """One file at a time, called from the worker threads. The S3 calls are the mount's own (SyncS3), so
+    Content-MD5, SSE-C and the storage class are applied exactly as the mount applies them."""
 
-    def __init__(self, opts: ImportOptions, s3: S3, progress: _Progress, stop: threading.Event) -> None:
+    def __init__(self, opts: ImportOptions, s3: SyncS3, progress: _Progress, stop: threading.Event) -> None:
         self.opts = opts
         self.s3 = s3
-        self.client: S3Client = s3.client
-        self.bucket = opts.s3.bucket
-        self.sse: dict[str, Any] = dict(s3._sse)
         self.progress = progress
         self.stop = stop
-
-    def _call(self, what: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise _translate(e, what) from e
 
     def process(self, e: _Entry) -> _Result:
         reported = [0]
@@ -364,7 +314,7 @@ class _Uploader:
         sig = _signature(st)
         size = st.st_size
         replacing = ""
-        remote = self._head(key)
+        remote = self.s3.head_object(key)
         if remote is not None:
             same, why = self._same_as_local(key, e.path, size, remote)
             if same:
@@ -375,9 +325,8 @@ class _Uploader:
             return _Result(e, Outcome.WOULD_UPLOAD, replacing)
         if self.stop.is_set():
             raise _Interrupted
-        if size < self.opts.s3.multipart_threshold:
-            info = self._call(f"PUT {key}", self.s3._put_single, key, e.path)
-            expected = whole_md5 = info.md5 or ""
+        if not self.s3.is_multipart(size):
+            expected = whole_md5 = self.s3.put_single(key, e.path).md5 or ""
         else:
             expected, whole_md5 = self._put_multipart(key, e.path, size, reported)
         self._verify(key, size, expected, whole_md5)
@@ -392,32 +341,8 @@ class _Uploader:
 
     # -- reading S3 -------------------------------------------------------------------------------------
 
-    def _head(self, key: str, part: int | None = None) -> HeadObjectOutputTypeDef | None:
-        kwargs: dict[str, Any] = dict(self.sse)
-        if part is not None:
-            kwargs["PartNumber"] = part
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=key, **kwargs)
-        except botocore.exceptions.ClientError as e:
-            err = _translate(e, f"HEAD {key}")
-            if isinstance(err, NotFound):
-                return None
-            raise err from e
-        except botocore.exceptions.BotoCoreError as e:
-            raise _translate(e, f"HEAD {key}") from e
-
     def _etag_is_checksum(self, head: HeadObjectOutputTypeDef) -> bool:
-        return not self.sse and head.get("ServerSideEncryption") not in _ETAG_NOT_MD5_SSE
-
-    def _md5_by_get(self, key: str) -> str:
-        r = self._call(f"GET {key}", self.client.get_object, Bucket=self.bucket, Key=key, **self.sse)
-        md5 = hashlib.md5()
-        try:
-            while chunk := r["Body"].read(_READ_CHUNK):
-                md5.update(chunk)
-        except (botocore.exceptions.BotoCoreError, OSError) as e:
-            raise _translate(e, f"GET {key}") from e
-        return md5.hexdigest()
+        return not self.s3.sse and head.get("ServerSideEncryption") not in _ETAG_NOT_MD5_SSE
 
     def _same_as_local(
         self, key: str, path: str, size: int, head: HeadObjectOutputTypeDef
@@ -426,24 +351,24 @@ class _Uploader:
         if int(head["ContentLength"]) != size:
             return False, _REPLACED_DIFFERS
         if not self._etag_is_checksum(head):
-            return self._md5_by_get(key) == md5_file(path), _REPLACED_DIFFERS
+            return self.s3.md5_of_object(key) == md5_file(path), _REPLACED_DIFFERS
         etag = head.get("ETag", "")
-        if m := _MD5_ETAG.match(etag):
-            return m.group(1).lower() == md5_file(path), _REPLACED_DIFFERS
+        if (md5 := md5_of_etag(etag)) is not None:
+            return md5 == md5_file(path), _REPLACED_DIFFERS
         if m := _MULTIPART_ETAG.match(etag):
             nparts = int(m.group(2))
-            part = self._head(key, part=1) if nparts > 0 else None
+            part = self.s3.head_object(key, part_number=1) if nparts > 0 else None
             part_size = int(part["ContentLength"]) if part is not None else 0
             # A server that ignores PartNumber answers with the whole object, and parts of unequal
             # size cannot be recomputed: either way the layout does not give N equal parts.
             if part_size <= 0 or (size + part_size - 1) // part_size != nparts:
                 return False, _REPLACED_UNVERIFIABLE
             want = f"{m.group(1).lower()}-{nparts}"
-            return multipart_etag(path, part_size) == want, _REPLACED_DIFFERS
+            return multipart_etag_of_file(path, part_size) == want, _REPLACED_DIFFERS
         return False, _REPLACED_UNVERIFIABLE
 
     def _verify(self, key: str, size: int, expected_etag: str, whole_md5: str) -> None:
-        head = self._head(key)
+        head = self.s3.head_object(key)
         if head is None:
             raise _FileFailed("verification failed: no object in S3 after the upload")
         if int(head["ContentLength"]) != size:
@@ -452,7 +377,7 @@ class _Uploader:
             got = head.get("ETag", "").strip('"').lower()
             if got != expected_etag:
                 raise _FileFailed(f"verification failed: ETag {got} in S3, {expected_etag} expected")
-        elif self._md5_by_get(key) != whole_md5:
+        elif self.s3.md5_of_object(key) != whole_md5:
             raise _FileFailed("verification failed: the object read back from S3 has another MD5")
 
     # -- writing S3 -------------------------------------------------------------------------------------
@@ -460,67 +385,26 @@ class _Uploader:
     def _put_multipart(self, key: str, path: str, size: int, reported: list[int]) -> tuple[str, str]:
         """Parts go up one after the other: parallelism comes from --jobs, and one part in memory per
         worker keeps memory at jobs x part size. Returns (expected ETag, MD5 of the whole file)."""
-        chunk = part_size_for(size, self.opts.s3.multipart_chunksize)
-        nparts = (size + chunk - 1) // chunk
-        created = self._call(
-            f"CreateMultipartUpload {key}",
-            self.client.create_multipart_upload,
-            Bucket=self.bucket,
-            Key=key,
-            **self.s3._extra_put_args(),
-        )
-        upload_id = created["UploadId"]
+        upload_id = self.s3.create_multipart(key)
         whole = hashlib.md5()
-        digests: list[bytes] = []
-        parts: list[CompletedPartTypeDef] = []
+        parts: list[Part] = []
         try:
             with open(path, "rb") as f:
-                for i in range(nparts):
+                for number, _, length in parts_of(size, self.opts.s3.multipart_chunksize):
                     if self.stop.is_set():
                         raise _Interrupted
-                    data = f.read(chunk)
-                    if len(data) != min(chunk, size - i * chunk):
+                    data = f.read(length)
+                    if len(data) != length:
                         raise _FileFailed("changed while it was being imported; run again")
-                    digest = hashlib.md5(data).digest()
-                    r = self._call(
-                        f"UploadPart {key} #{i + 1}",
-                        self.client.upload_part,
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=i + 1,
-                        Body=data,
-                        ContentMD5=base64.b64encode(digest).decode(),
-                        **self.sse,
-                    )
-                    parts.append({"ETag": r["ETag"], "PartNumber": i + 1})
+                    parts.append(self.s3.upload_part(key, upload_id, number, data))
                     whole.update(data)
-                    digests.append(digest)
                     self.progress.add(len(data))
                     reported[0] += len(data)
-            self._call(
-                f"CompleteMultipartUpload {key}",
-                self.client.complete_multipart_upload,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
+            self.s3.complete_multipart(key, upload_id, parts)
         except BaseException:
-            try:
-                self._call(
-                    f"AbortMultipartUpload {key}",
-                    self.client.abort_multipart_upload,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                )
-            except S3Error as e:
-                # The parts never become a visible object; a lifecycle rule for incomplete multipart
-                # uploads reclaims their space.
-                log.warning("could not abort the multipart upload of %s: %s", key, e)
+            self.s3.abort_multipart(key, upload_id)
             raise
-        return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{nparts}", whole.hexdigest()
+        return multipart_etag(p.md5 for p in parts), whole.hexdigest()
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -553,7 +437,7 @@ class _Stats:
 
 class Importer:
     def __init__(
-        self, opts: ImportOptions, s3: S3, out: TextIO | None = None, err: TextIO | None = None
+        self, opts: ImportOptions, s3: SyncS3, out: TextIO | None = None, err: TextIO | None = None
     ) -> None:
         self.opts = opts
         self.root = os.path.normpath(str(opts.src))
@@ -831,10 +715,9 @@ def main(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="s3cachefs: %(name)s: %(message)s")
-    # The limiter is never used here (only the synchronous methods of S3 are); S3 wants one.
-    s3 = S3(opts.s3, trio.CapacityLimiter(1), make_client(opts.s3))
+    s3 = SyncS3(opts.s3)
     try:
-        s3.check_access_sync()
+        s3.check_access()
     except NoSuchBucket as e:
         raise ConfigError(str(e)) from None
     except AccessDenied as e:

@@ -1,7 +1,10 @@
 """boto3 behind trio worker threads: one client, one CapacityLimiter, errors turned into our own types.
 
-Every blocking call runs through `trio.to_thread.run_sync(..., limiter=self.limiter)`; the functions
-that run in threads touch no shared state (boto3 clients are thread-safe). Retries and timeouts are
+Two layers. `SyncS3` holds the blocking calls (PUT, the multipart steps, HEAD, the access check) and the
+rules around them (Content-MD5, SSE-C, storage class, error translation); `s3cachefs import` calls it
+from its own thread pool. `S3`, the mount's, runs those same calls, and its own GETs and LISTs, through
+`trio.to_thread.run_sync(..., limiter=self.limiter)`; the functions that run in threads touch no shared
+state (boto3 clients are thread-safe). Retries and timeouts are
 botocore's ("standard" mode, bounded attempts, connect/read timeouts), so a dead endpoint turns into
 `Unavailable` after a bounded time instead of hanging a FUSE request forever.
 
@@ -20,9 +23,9 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ParamSpec, TypeVar
 
 import boto3
 import botocore.config
@@ -34,8 +37,10 @@ from .config import S3Options
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import HeadObjectOutputTypeDef
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 T = TypeVar("T")
 
 _READ_CHUNK = 1024 * 1024
@@ -46,6 +51,8 @@ _IN_MEMORY_BODY = 8 * 1024 * 1024
 _STREAM_CHUNK = 256 * 1024
 _FIRST_CHUNK = 64 * 1024
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+# The most parts S3 accepts in one multipart upload.
+MAX_PARTS = 10_000
 
 
 class S3Error(Exception):
@@ -97,7 +104,9 @@ class ObjectInfo:
     md5: str | None = None  # hex MD5 of the bytes we sent or received, when we computed it
 
 
-def _translate(e: Exception, what: str) -> S3Error:
+def translate_error(e: Exception, what: str) -> S3Error:
+    """A botocore (or socket) failure of the call described by `what` -> one of our error types; our own
+    errors pass through; anything else is a bug and is raised as it is."""
     if isinstance(e, S3Error):
         return e
     if isinstance(e, botocore.exceptions.ClientError):
@@ -128,6 +137,10 @@ def _translate(e: Exception, what: str) -> S3Error:
 def _mtime_ns(obj: dict[str, Any]) -> int:
     lm = obj.get("LastModified")
     return int(lm.timestamp() * 1e9) if lm is not None else 0
+
+
+def _info(key: str, head: HeadObjectOutputTypeDef) -> ObjectInfo:
+    return ObjectInfo(key, int(head["ContentLength"]), head.get("ETag", ""), _mtime_ns(dict(head)))
 
 
 @contextlib.contextmanager
@@ -167,6 +180,43 @@ def md5_fd(fd: int) -> str:
     return md5.hexdigest()
 
 
+def md5_of_etag(etag: str) -> str | None:
+    """The MD5 (lower-case hex) that a plain ETag is, or None for any other ETag (a multipart upload's)."""
+    m = _MD5_ETAG.match(etag)
+    return m.group(1).lower() if m else None
+
+
+def multipart_etag(part_md5s: Iterable[bytes]) -> str:
+    """The ETag S3 gives a multipart upload whose parts have these MD5 digests: md5(the digests)-N."""
+    digests = list(part_md5s)
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def multipart_etag_of_file(path: str, part_size: int) -> str:
+    """The ETag S3 gives a multipart upload of this file in parts of `part_size`."""
+    digests = []
+    with open(path, "rb") as f:
+        while True:
+            part = hashlib.md5()
+            left = part_size
+            while left and (chunk := f.read(min(_READ_CHUNK, left))):
+                part.update(chunk)
+                left -= len(chunk)
+            if left == part_size:
+                break
+            digests.append(part.digest())
+    return multipart_etag(digests)
+
+
+def parts_of(size: int, part_size: int) -> Iterator[tuple[int, int, int]]:
+    """(part number, offset, length) of each part of a multipart upload of `size` bytes. The part size
+    is doubled until the file needs at most MAX_PARTS parts, the most S3 accepts in one upload."""
+    while (size + part_size - 1) // part_size > MAX_PARTS:
+        part_size *= 2
+    for offset in range(0, size, part_size):
+        yield offset // part_size + 1, offset, min(part_size, size - offset)
+
+
 def make_client(opts: S3Options) -> S3Client:
     cfg = botocore.config.Config(
         connect_timeout=opts.connect_timeout,
@@ -194,8 +244,195 @@ def make_client(opts: S3Options) -> S3Client:
     return client
 
 
+@dataclass(frozen=True)
+class Part:
+    """One uploaded part of a multipart upload."""
+
+    number: int
+    etag: str  # as S3 answered, for CompleteMultipartUpload
+    md5: bytes  # digest of the bytes sent, for the upload's ETag (multipart_etag)
+
+
+class SyncS3:
+    """The blocking S3 calls, in one copy for both users: the mount's `S3` runs them in trio worker
+    threads, `s3cachefs import` in its own thread pool. They touch no state but the client (boto3 clients
+    are thread-safe), so any thread may call them, several at a time. Failures of S3 leave as our
+    S3Error types; failures of the local file (opening, reading) stay OSError, which is the caller's to
+    report (they are not S3's fault).
+    """
+
+    def __init__(self, opts: S3Options, client: S3Client | None = None):
+        self.opts = opts
+        self.bucket = opts.bucket
+        self.client = client if client is not None else make_client(opts)
+        # SSE-C: every request that reads or writes an object's data must carry the key. (Any: the
+        # values go to boto3 as keyword arguments.)
+        self.sse: dict[str, Any] = {}
+        if opts.sse_customer_key:
+            self.sse = {
+                "SSECustomerKey": opts.sse_customer_key,
+                "SSECustomerAlgorithm": opts.sse_customer_algo,
+            }
+
+    def call(self, what: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """fn(*args, **kwargs), its failures translated (translate_error) with `what` in the message."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise translate_error(e, what) from e
+
+    def check_access(self) -> str:
+        """Before any real work: the bucket exists and we may list and read it. Returns the server's
+        `Server` header ("" if none), for warnings about known server bugs."""
+        what = f"bucket {self.bucket}"
+        try:
+            r = self.call(what, self.client.head_bucket, Bucket=self.bucket)
+            self.call(
+                what, self.client.list_objects_v2, Bucket=self.bucket, Prefix=self.opts.prefix, MaxKeys=1
+            )
+        except NotFound as e:
+            raise NoSuchBucket(f"bucket {self.bucket}: does not exist") from e
+        return str(r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("server", ""))
+
+    def is_multipart(self, size: int) -> bool:
+        """Does a file of `size` bytes go up as a multipart upload (else one PUT)?"""
+        return size >= self.opts.multipart_threshold
+
+    def extra_put_args(self) -> dict[str, Any]:
+        """What every object we create carries besides its bytes: the SSE-C key, the storage class."""
+        args: dict[str, Any] = dict(self.sse)
+        if self.opts.storage_class != "STANDARD":
+            args["StorageClass"] = self.opts.storage_class
+        return args
+
+    def etag_is_md5_of(self, etag: str, md5_hex: str) -> bool | None:
+        """True/False if the ETag is a plain MD5 we can compare with; None if it is not one (a
+        multipart upload's ETag, or any object under SSE-C)."""
+        md5 = md5_of_etag(etag)
+        if md5 is None or self.sse:
+            return None
+        return md5 == md5_hex
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def head_object(self, key: str, part_number: int | None = None) -> HeadObjectOutputTypeDef | None:
+        """HEAD `key` (with `part_number`: that part's size as ContentLength); None if there is no such object."""
+        kwargs: dict[str, Any] = dict(self.sse)
+        if part_number is not None:
+            kwargs["PartNumber"] = part_number
+        try:
+            return self.call(f"HEAD {key}", self.client.head_object, Bucket=self.bucket, Key=key, **kwargs)
+        except NotFound:
+            return None
+
+    def md5_of_object(self, key: str) -> str:
+        """Read the whole object and return its MD5: the check where the ETag is not a checksum."""
+        what = f"GET {key}"
+        body = self.call(what, self.client.get_object, Bucket=self.bucket, Key=key, **self.sse)["Body"]
+        md5 = hashlib.md5()
+        while chunk := self.call(what, body.read, _READ_CHUNK):
+            md5.update(chunk)
+        return md5.hexdigest()
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def put_single(self, key: str, path: str) -> ObjectInfo:
+        """One PUT of the file at `path` with its Content-MD5 (for files below the multipart threshold)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= _IN_MEMORY_BODY:
+                # One read, one hash, one sendall: a file body would go out in http.client's 8 KiB
+                # read+send steps (a third of a small close()'s CPU). Memory stays bounded as for a
+                # multipart part: one body per worker thread, at most _IN_MEMORY_BODY each.
+                data = f.read()
+                size = len(data)
+                md5 = hashlib.md5(data)
+                body: bytes | BinaryIO = data
+            else:
+                md5 = hashlib.md5()
+                size = 0
+                while chunk := f.read(_READ_CHUNK):
+                    md5.update(chunk)
+                    size += len(chunk)
+                f.seek(0)
+                body = f
+            # botocore rewinds a seekable body before each retry, so retries resend the same bytes.
+            r = self.call(
+                f"PUT {key}",
+                self.client.put_object,
+                Bucket=self.bucket,
+                Key=key,
+                Body=body,
+                ContentLength=size,
+                ContentMD5=base64.b64encode(md5.digest()).decode(),
+                **self.extra_put_args(),
+            )
+        return ObjectInfo(key, size, r.get("ETag", '"' + md5.hexdigest() + '"'), 0, md5.hexdigest())
+
+    def create_multipart(self, key: str) -> str:
+        """Start a multipart upload of `key`; returns its upload id. Until complete_multipart() the
+        object does not exist; abort_multipart() makes sure it never will."""
+        r = self.call(
+            f"CreateMultipartUpload {key}",
+            self.client.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            **self.extra_put_args(),
+        )
+        return r["UploadId"]
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> Part:
+        """Send one part with its Content-MD5, so the server rejects a body damaged on the way."""
+        digest = hashlib.md5(data).digest()
+        r = self.call(
+            f"UploadPart {key} #{number}",
+            self.client.upload_part,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+            ContentMD5=base64.b64encode(digest).decode(),
+            **self.sse,
+        )
+        return Part(number, r["ETag"], digest)
+
+    def complete_multipart(self, key: str, upload_id: str, parts: Iterable[Part]) -> str:
+        """Make the object out of `parts` (in any order); returns the ETag S3 gives it."""
+        done = self.call(
+            f"CompleteMultipartUpload {key}",
+            self.client.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={
+                "Parts": [
+                    {"ETag": p.etag, "PartNumber": p.number} for p in sorted(parts, key=lambda p: p.number)
+                ]
+            },
+        )
+        return str(done.get("ETag", ""))
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop the parts uploaded so far. Never raises S3Error: it runs while another error is on its
+        way out, and that one is what the caller must see."""
+        try:
+            self.call(
+                f"AbortMultipartUpload {key}",
+                self.client.abort_multipart_upload,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+            )
+        except S3Error as e:
+            # The parts stay invisible (never a readable object); a bucket lifecycle rule for
+            # incomplete uploads reclaims their space.
+            # (tests/test_faults.py reads this line from the mount's log: keep the wording.)
+            log.warning("could not abort multipart upload of %s: %s", key, e)
+
+
 class MultipartUpload:
-    """One multipart upload whose parts are ranges of a local file, each sent with its Content-MD5.
+    """One multipart upload whose parts are ranges of a local file, sent by SyncS3 in worker threads.
 
     Parts may be uploaded in any order and in parallel (at most 4 at a time per upload, so one large
     file cannot take every worker thread, and with 8 MiB parts it holds at most 32 MiB of memory).
@@ -208,22 +445,19 @@ class MultipartUpload:
         self.s3 = s3
         self.key = key
         self.upload_id: str | None = None
-        self.etags: dict[int, str] = {}
+        self.parts: dict[int, Part] = {}
         self._limiter = trio.CapacityLimiter(self.PARALLEL_PARTS)
 
     async def start(self) -> None:
-        s3 = self.s3
-        created = await s3._run(
-            f"CreateMultipartUpload {self.key}",
-            lambda: s3.client.create_multipart_upload(Bucket=s3.bucket, Key=self.key, **s3._extra_put_args()),
+        self.upload_id = await self.s3._run(
+            f"CreateMultipartUpload {self.key}", functools.partial(self.s3.sync.create_multipart, self.key)
         )
-        self.upload_id = created["UploadId"]
 
     async def upload_part(self, number: int, path: str, offset: int, length: int) -> None:
         s3, upload_id = self.s3, self.upload_id
         assert upload_id is not None, "start() first"
 
-        def send() -> str:
+        def send() -> Part:
             with open(path, "rb") as f:
                 f.seek(offset)
                 data = f.read(length)
@@ -231,107 +465,62 @@ class MultipartUpload:
                 raise IntegrityError(
                     f"UploadPart {self.key} #{number}: file has {len(data)} of {length} bytes"
                 )
-            r = s3.client.upload_part(
-                Bucket=s3.bucket,
-                Key=self.key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode(),
-                **s3._sse,  # type: ignore[arg-type]
-            )
-            return r["ETag"]
+            return s3.sync.upload_part(self.key, upload_id, number, data)
 
         async with self._limiter:
-            self.etags[number] = await s3._run(f"UploadPart {self.key} #{number}", send)
+            # Stored here, in the event loop: the worker threads share nothing.
+            self.parts[number] = await s3._run(f"UploadPart {self.key} #{number}", send)
 
     async def complete(self) -> str:
-        s3, upload_id = self.s3, self.upload_id
+        upload_id = self.upload_id
         assert upload_id is not None, "start() first"
-        parts = [{"ETag": self.etags[n], "PartNumber": n} for n in sorted(self.etags)]
-        done = await s3._run(
+        return await self.s3._run(
             f"CompleteMultipartUpload {self.key}",
-            lambda: s3.client.complete_multipart_upload(
-                Bucket=s3.bucket,
-                Key=self.key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            functools.partial(
+                self.s3.sync.complete_multipart, self.key, upload_id, list(self.parts.values())
             ),
         )
-        return str(done.get("ETag", ""))
 
     async def abort(self) -> None:
-        s3, upload_id = self.s3, self.upload_id
-        if upload_id is None:
+        if self.upload_id is None:
             return
         with trio.CancelScope(shield=True):
-            try:
-                await s3._run(
-                    f"AbortMultipartUpload {self.key}",
-                    lambda: s3.client.abort_multipart_upload(
-                        Bucket=s3.bucket, Key=self.key, UploadId=upload_id
-                    ),
-                )
-            except S3Error as e:
-                # The parts stay invisible (never a readable object); a bucket lifecycle rule for
-                # incomplete uploads reclaims their space.
-                log.warning("could not abort multipart upload of %s: %s", self.key, e)
+            await self.s3._run(
+                f"AbortMultipartUpload {self.key}",
+                functools.partial(self.s3.sync.abort_multipart, self.key, self.upload_id),
+            )
 
 
 class S3:
+    """The mount's S3: SyncS3's calls in trio worker threads, behind one CapacityLimiter."""
+
     def __init__(self, opts: S3Options, limiter: trio.CapacityLimiter, client: S3Client | None = None):
+        self.sync = SyncS3(opts, client)
         self.opts = opts
         self.bucket = opts.bucket
+        self.client = self.sync.client
         self.limiter = limiter
-        self.client = client if client is not None else make_client(opts)
         self.calls: Counter[str] = Counter()
-        self._sse: dict[str, str] = {}
-        if opts.sse_customer_key:
-            self._sse = {
-                "SSECustomerKey": opts.sse_customer_key,
-                "SSECustomerAlgorithm": opts.sse_customer_algo,
-            }
 
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
         # Counted here, in the event loop, per logical call (botocore's retries are not counted).
         self.calls[what.split(" ", 1)[0]] += 1
-
-        def call() -> T:
-            try:
-                return fn()
-            except Exception as e:
-                raise _translate(e, what) from e
-
-        return await trio.to_thread.run_sync(call, limiter=self.limiter)
+        return await trio.to_thread.run_sync(self.sync.call, what, fn, limiter=self.limiter)
 
     # -- checks -------------------------------------------------------------------------------------
 
     def check_access_sync(self) -> str:
-        """Called before mounting (no trio yet): the bucket exists and we may list and read it.
-        Returns the server's `Server` header ("" if none), for warnings about known server bugs."""
-        try:
-            r = self.client.head_bucket(Bucket=self.bucket)
-            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.opts.prefix, MaxKeys=1)
-            return str(r.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("server", ""))
-        except Exception as e:
-            err = _translate(e, f"bucket {self.bucket}")
-            if isinstance(err, NotFound):
-                err = NoSuchBucket(f"bucket {self.bucket}: does not exist")
-            raise err from e
+        """Called before mounting (no trio yet): SyncS3.check_access."""
+        return self.sync.check_access()
+
+    def etag_is_md5_of(self, etag: str, md5_hex: str) -> bool | None:
+        return self.sync.etag_is_md5_of(etag, md5_hex)
 
     # -- metadata -----------------------------------------------------------------------------------
 
     async def head(self, key: str) -> ObjectInfo | None:
-        def fn() -> ObjectInfo | None:
-            try:
-                r = self.client.head_object(Bucket=self.bucket, Key=key, **self._sse)  # type: ignore[arg-type]
-            except botocore.exceptions.ClientError as e:
-                if _translate(e, key).__class__ is NotFound:
-                    return None
-                raise
-            return ObjectInfo(key, int(r["ContentLength"]), r.get("ETag", ""), _mtime_ns(dict(r)))
-
-        return await self._run(f"HEAD {key}", fn)
+        r = await self._run(f"HEAD {key}", functools.partial(self.sync.head_object, key))
+        return None if r is None else _info(key, r)
 
     async def has_prefix(self, prefix: str) -> bool:
         """Is there at least one object under `prefix` (a directory implied by keys)?"""
@@ -375,51 +564,11 @@ class S3:
         each carry Content-MD5; any failure aborts it, so no partial object can ever become visible.
         """
         size = os.stat(path).st_size
-        if size < self.opts.multipart_threshold:
-            return await self._run(f"PUT {key}", lambda: self._put_single(key, path))
+        if not self.sync.is_multipart(size):
+            return await self._run(f"PUT {key}", functools.partial(self.sync.put_single, key, path))
         return await self._put_multipart(key, path, size)
 
-    def _extra_put_args(self) -> dict[str, Any]:
-        args: dict[str, Any] = dict(self._sse)
-        if self.opts.storage_class != "STANDARD":
-            args["StorageClass"] = self.opts.storage_class
-        return args
-
-    def _put_single(self, key: str, path: str) -> ObjectInfo:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size <= _IN_MEMORY_BODY:
-                # One read, one hash, one sendall: a file body would go out in http.client's 8 KiB
-                # read+send steps (a third of a small close()'s CPU). Memory stays bounded as for a
-                # multipart part: one body per worker thread, at most _IN_MEMORY_BODY each.
-                data = f.read()
-                size = len(data)
-                md5 = hashlib.md5(data)
-                body: bytes | BinaryIO = data
-            else:
-                md5 = hashlib.md5()
-                size = 0
-                while chunk := f.read(_READ_CHUNK):
-                    md5.update(chunk)
-                    size += len(chunk)
-                f.seek(0)
-                body = f
-            # botocore rewinds a seekable body before each retry, so retries resend the same bytes.
-            r = self.client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                ContentLength=size,
-                ContentMD5=base64.b64encode(md5.digest()).decode(),
-                **self._extra_put_args(),
-            )
-        return ObjectInfo(key, size, r.get("ETag", '"' + md5.hexdigest() + '"'), 0, md5.hexdigest())
-
     async def _put_multipart(self, key: str, path: str, size: int) -> ObjectInfo:
-        chunk = self.opts.multipart_chunksize
-        # S3 allows at most 10,000 parts: grow the part size for very large files.
-        while (size + chunk - 1) // chunk > 10_000:
-            chunk *= 2
         mpu = MultipartUpload(self, key)
         await mpu.start()
         whole: list[str] = []
@@ -432,10 +581,8 @@ class S3:
             with first_error():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(hash_task)
-                    for i in range((size + chunk - 1) // chunk):
-                        nursery.start_soon(
-                            mpu.upload_part, i + 1, path, i * chunk, min(chunk, size - i * chunk)
-                        )
+                    for number, offset, length in parts_of(size, self.opts.multipart_chunksize):
+                        nursery.start_soon(mpu.upload_part, number, path, offset, length)
             etag = await mpu.complete()
         except BaseException:
             await mpu.abort()
@@ -467,7 +614,7 @@ class S3:
 
         def fn() -> RangeResult:
             nonlocal got
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self.sync.sse}
             if end is not None:
                 kwargs["Range"] = f"bytes={start}-{end}"
             if if_match:
@@ -509,7 +656,7 @@ class S3:
         the caller: one FUSE read). For reads that the cache disk has no room for."""
 
         def fn() -> bytes:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._sse}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self.sync.sse}
             kwargs["Range"] = f"bytes={start}-{start + size - 1}"
             kwargs["IfMatch"] = if_match
             r = self.client.get_object(**kwargs)
@@ -520,27 +667,22 @@ class S3:
 
         return await self._run(f"GET {key}", fn)
 
-    def etag_is_md5_of(self, etag: str, md5_hex: str) -> bool | None:
-        """True/False if the ETag is a plain MD5 we can compare with; None if it is not one (a
-        multipart upload's ETag, or any object under SSE-C)."""
-        m = _MD5_ETAG.match(etag)
-        if not m or self._sse:
-            return None
-        return m.group(1).lower() == md5_hex
-
     async def delete(self, key: str) -> None:
         await self._run(f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 
     async def copy(self, src: str, dst: str) -> ObjectInfo:
         """Server-side copy (boto3's managed copy switches to multipart copy above 5 GB)."""
-        extra = self._extra_put_args()
-        if self._sse:
-            extra["CopySourceSSECustomerKey"] = self._sse["SSECustomerKey"]
-            extra["CopySourceSSECustomerAlgorithm"] = self._sse["SSECustomerAlgorithm"]
+        sse = self.sync.sse
+        extra = self.sync.extra_put_args()
+        if sse:
+            extra["CopySourceSSECustomerKey"] = sse["SSECustomerKey"]
+            extra["CopySourceSSECustomerAlgorithm"] = sse["SSECustomerAlgorithm"]
 
         def fn() -> ObjectInfo:
             self.client.copy({"Bucket": self.bucket, "Key": src}, self.bucket, dst, ExtraArgs=extra or None)
-            r = self.client.head_object(Bucket=self.bucket, Key=dst, **self._sse)  # type: ignore[arg-type]
-            return ObjectInfo(dst, int(r["ContentLength"]), r.get("ETag", ""), _mtime_ns(dict(r)))
+            r = self.sync.head_object(dst)
+            if r is None:
+                raise NotFound(f"COPY {src} -> {dst}: no object after the copy")
+            return _info(dst, r)
 
         return await self._run(f"COPY {src} -> {dst}", fn)

@@ -17,11 +17,11 @@ step() { printf '\n== %s\n' "$*"; }
 step "install"
 bash "$REPO/scripts/install.sh"
 
-step "ruff check s3cachefs tests"
-"$VENV/bin/python" -m ruff check s3cachefs tests
+step "ruff check s3cachefs tests bench"
+"$VENV/bin/python" -m ruff check s3cachefs tests bench
 
-step "mypy s3cachefs tests"
-"$VENV/bin/python" -m mypy s3cachefs tests
+step "mypy s3cachefs tests bench"
+"$VENV/bin/python" -m mypy s3cachefs tests bench
 
 step "pytest $*"
 rc=0

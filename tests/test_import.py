@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from s3cachefs.s3 import MAX_PARTS, parts_of
+
 from .harness import REPO_ROOT, TEST_REGION, MakeMount, S3Server, bucket_objects, wait_until
 
 if TYPE_CHECKING:
@@ -426,3 +428,14 @@ def test_access_problems_stop_the_run_before_anything_happens(
     assert (tmp_path / "src/local_content/ab/cd/x").read_bytes() == b"x"
     if case != "missing bucket":
         assert keys_in(s3, bucket) == set()
+
+
+def test_a_file_too_large_for_10000_parts_is_cut_into_doubled_parts_that_cover_it_exactly() -> None:
+    # Import and the mount share this rule (s3.parts_of); a real upload of 50 GB is out of reach here.
+    size = MAX_PARTS * 5 * MiB + 1
+    parts = list(parts_of(size, 5 * MiB))
+    assert len(parts) <= MAX_PARTS
+    assert {length for _, _, length in parts[:-1]} == {10 * MiB}
+    assert [number for number, _, _ in parts] == list(range(1, len(parts) + 1))
+    ends = [offset + length for _, offset, length in parts]
+    assert [offset for _, offset, _ in parts] == [0, *ends[:-1]] and ends[-1] == size
