@@ -1,7 +1,6 @@
 """Command line: arguments and config file -> Config; user errors -> one line and exit code 2.
 
-Exit codes: 0 after a clean unmount, 2 for bad usage or configuration (including a bucket that does not
-exist or credentials the server refuses), 1 for a runtime failure (S3 unreachable, mount failed, crash).
+The exit codes are listed in errors.py.
 """
 
 from __future__ import annotations
@@ -12,8 +11,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import Config, ConfigError, build_config, load_config_file
+from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, report
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+# Re-exported: callers and tests have always found the codes here.
+__all__ = ["EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "config_from_args", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             return import_main(args)
         command, config = config_from_args(argv)
     except ConfigError as e:
-        print(f"s3cachefs: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return report(e)
     from .mount import run  # imported late: pyfuse3 and boto3 are slow to import for `--help`
 
     assert command == "mount"

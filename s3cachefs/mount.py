@@ -33,8 +33,8 @@ import pyfuse3
 import trio
 
 from .cache import Cache, Limits
-from .cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from .config import Config, ConfigError
+from .errors import EXIT_OK, EXIT_RUNTIME, StartupError, report
 from .fs import Operations
 from .index import Index
 from .namespace import Namespace
@@ -44,10 +44,6 @@ log = logging.getLogger(__name__)
 
 HOUSEKEEPING_EVERY = 60.0
 STATS_EVERY = 5.0
-
-
-class StartupError(Exception):
-    """A runtime failure before mounting (exit 1), e.g. S3 unreachable."""
 
 
 @dataclass
@@ -350,9 +346,5 @@ def run(config: Config) -> int:
             parts.index.close()
             log.info("unmounted %s", config.mountpoint)
             return EXIT_OK
-    except ConfigError as e:
-        print(f"s3cachefs: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except StartupError as e:
-        print(f"s3cachefs: error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
+    except (ConfigError, StartupError) as e:
+        return report(e)
