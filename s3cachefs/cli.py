@@ -105,7 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--multipart-threshold", dest="multipart_threshold", help="default 16M")
     m.add_argument("--multipart-chunksize", dest="multipart_chunksize", help="default 8M")
     m.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING or ERROR")
-    m.add_argument("--log-file", dest="log_file", help="log here instead of stderr (daemon default: syslog)")
+    m.add_argument(
+        "--log-file",
+        dest="log_file",
+        help="log here instead of stderr (daemon default: syslog); SIGHUP reopens it",
+    )
     st = sub.add_parser(
         "status",
         help="show what is in a cache",

@@ -8,7 +8,8 @@ Order matters and is chosen so that a mount never appears unless it can work:
      exit status tells whether the mount is up;
   5. trio runs pyfuse3's main loop, the background listing, the age evictor and the reaper of
      evicted files in one nursery;
-     SIGTERM/SIGINT unmount cleanly (systemd stop), `fusermount3 -u` ends the loop as well.
+     SIGTERM/SIGINT unmount cleanly (systemd stop), `fusermount3 -u` ends the loop as well;
+     SIGHUP reopens the log file (logrotate, systemctl reload) and never ends the daemon.
 """
 
 from __future__ import annotations
@@ -75,6 +76,28 @@ def _setup_logging(config: Config, daemon: bool) -> None:
     # botocore logs request bodies and headers at DEBUG; keep its chatter (and any secret) out.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _reopen_log_file() -> None:
+    """SIGHUP, after logrotate moved the log file away: later lines go to a new file at the old path.
+    Opened before the old one is closed, so a failure (say, the directory is gone) keeps the old file."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            name = handler.baseFilename
+            try:
+                # Appending, as _setup_logging's handler does; the handler keeps the file open.
+                stream = open(name, "a", encoding=handler.encoding, errors=handler.errors)  # noqa: SIM115
+            except OSError as e:
+                log.error(
+                    "SIGHUP: cannot reopen the log file %s (%s); still writing to the old one",
+                    name,
+                    e.strerror,
+                )
+                continue
+            old = handler.setStream(stream)
+            if old is not None:
+                old.close()
+            log.info("SIGHUP: reopened the log file %s", name)
 
 
 def _check_mountpoint(path: Path) -> os.stat_result:
@@ -264,9 +287,14 @@ async def _serve(parts: _Parts, config: Config) -> bool:
 
     async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal stopped_by_signal
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        with trio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP
+        ) as signals:
             task_status.started()
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reopen_log_file()
+                    continue
                 if signum == signal.SIGUSR1:
                     # For `s3cachefs status` (and tests): counters now rather than in 5 s.
                     parts.cache.flush_atimes()
@@ -298,6 +326,10 @@ async def _serve(parts: _Parts, config: Config) -> bool:
 def run(config: Config) -> int:
     # Everything we create (cache files, index, logs) is for this process only: 0600 files, 0700 dirs.
     os.umask(0o077)
+    # SIGHUP's default action ends the process and leaves a dead mount ("Transport endpoint is not
+    # connected") for Synapse. Ignored until the loop runs, which then takes it to reopen the log file
+    # (logrotate, `systemctl reload`); trio restores this when the loop ends.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _limit_malloc_arenas()
     _setup_logging(config, daemon=False)
     try:
