@@ -243,6 +243,35 @@ def _sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
+def _watchdog_interval() -> float | None:
+    """Seconds between two WATCHDOG=1, or None when systemd watches no one here. Half of
+    WATCHDOG_USEC, as sd_watchdog_enabled(3) advises: one late ping must not cost a restart."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not os.environ.get("NOTIFY_SOCKET"):
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None  # meant for another process (we were started by one that systemd watches)
+    try:
+        interval = int(usec) / 2 / 1_000_000
+    except ValueError:
+        log.warning("ignoring WATCHDOG_USEC=%r: not a number of microseconds", usec)
+        return None
+    return interval if interval > 0 else None
+
+
+async def _watchdog(interval: float) -> None:
+    """Ping systemd from the event loop itself: FUSE requests are answered by this loop, so when it
+    is wedged (a synchronous call that blocks, an endless loop) the pings stop and systemd restarts
+    us, instead of Synapse waiting on a mount that never answers."""
+    while True:
+        try:
+            _sd_notify("WATCHDOG=1")
+        except OSError as e:
+            log.warning("could not ping the systemd watchdog: %s", e)
+        await trio.sleep(interval)
+
+
 def _daemonize() -> None:
     if os.fork() > 0:
         os._exit(EXIT_OK)
@@ -317,6 +346,9 @@ async def _serve(parts: _Parts, config: Config) -> bool:
         nursery.start_soon(_housekeeping, parts.cache)
         nursery.start_soon(_set_read_ahead, config.mountpoint, config.read_ahead, parts.limiter)
         _sd_notify("READY=1")
+        watchdog = _watchdog_interval()  # read after daemonizing: WATCHDOG_PID names the process
+        if watchdog is not None:
+            nursery.start_soon(_watchdog, watchdog)
         await pyfuse3.main()
         _sd_notify("STOPPING=1")
         nursery.cancel_scope.cancel()
