@@ -533,3 +533,47 @@ def test_help_lists_the_mount_options() -> None:
     assert r.returncode == 0, r.stderr
     for flag in ("--cache-size", "--cache-dir", "--endpoint-url", "--prefix", "--foreground", "--config"):
         assert flag in r.stdout
+
+
+# --- credentials from the environment -------------------------------------------------------------
+
+
+def _without_aws_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY", "AWS_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_alternative_env_names_aws_access_key_and_aws_secret_key_are_used_when_the_standard_ones_are_absent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _without_aws_keys(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY", "alt-id")
+    monkeypatch.setenv("AWS_SECRET_KEY", "alt-secret")
+    c = config()
+    assert (c.s3.access_key_id, c.s3.secret_access_key) == ("alt-id", "alt-secret")
+
+
+def test_standard_env_names_win_over_the_alternative_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None: boto3's own chain then reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    _without_aws_keys(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "std-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "std-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY", "alt-id")
+    monkeypatch.setenv("AWS_SECRET_KEY", "alt-secret")
+    c = config()
+    assert (c.s3.access_key_id, c.s3.secret_access_key) == (None, None)
+
+
+def test_config_file_keys_win_over_the_alternative_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_aws_keys(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY", "alt-id")
+    monkeypatch.setenv("AWS_SECRET_KEY", "alt-secret")
+    c = config(access_key_id="file-id", secret_access_key="file-secret")
+    assert (c.s3.access_key_id, c.s3.secret_access_key) == ("file-id", "file-secret")
+
+
+def test_half_of_the_alternative_pair_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_aws_keys(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY", "alt-id")
+    c = config()
+    assert (c.s3.access_key_id, c.s3.secret_access_key) == (None, None)
