@@ -6,7 +6,9 @@ The daemon tests run real mounts on the session's SeaweedFS; nothing is mocked.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -14,10 +16,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .harness import REPO_ROOT, MakeMount, Mount, S3Server, wait_until
+import pytest
+
+from .harness import (
+    REPO_ROOT,
+    HarnessError,
+    MakeMount,
+    Mount,
+    S3Server,
+    check_fuse_available,
+    fusermount_unmount,
+    is_mounted,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -210,3 +225,108 @@ def test_no_watchdog_pings_when_watchdog_pid_names_another_process(
         m.cleanup()
         listener.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+# -- mount(8) and fstab -------------------------------------------------------------------------------
+
+# mount(8) runs its helper (/sbin/mount.fuse3) without PATH in the environment, and mount.fuse3 runs
+# `s3cachefs SOURCE MOUNTPOINT -o OPTIONS` through /bin/sh, which then searches its built-in default
+# path /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin (measured with strace: a PATH
+# given to mount(8) never reaches the helper). So the test's wrapper must live in one of those
+# directories for the duration of the test: /usr/local/sbin, searched first, so that it wins over an
+# s3cachefs that scripts/install.sh may have linked into /usr/local/bin. An existing
+# /usr/local/sbin/s3cachefs is never replaced, and a lock file keeps two test runs from sharing it.
+HELPER_DIR = Path("/usr/local/sbin")
+HELPER_LOCK = Path("/tmp/s3cachefs-test-mount-helper.lock")
+
+
+@contextlib.contextmanager
+def s3cachefs_on_mount_helper_path() -> Iterator[Path]:
+    """An `s3cachefs` in /usr/local/sbin that runs this checkout with the test interpreter."""
+    target = HELPER_DIR / "s3cachefs"
+    with open(HELPER_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists() or target.is_symlink():
+            pytest.fail(f"{target} exists; this test does not replace it (remove it to run the test)")
+        tmp = HELPER_DIR / f".s3cachefs-test-{os.getpid()}"
+        tmp.write_text(
+            "#!/bin/sh\n"
+            "# Written by s3cachefs's tests/test_ops.py for one test; removed when it ends.\n"
+            f"PYTHONPATH={shlex.quote(str(REPO_ROOT))}; export PYTHONPATH\n"
+            f'exec {shlex.quote(sys.executable)} -m s3cachefs.cli "$@"\n'
+        )
+        tmp.chmod(0o755)
+        tmp.rename(target)
+        try:
+            yield target
+        finally:
+            target.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _process_state(pid) != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["mount -t", "fstab"])
+def test_mount8_and_fstab_mount_through_mount_fuse3_and_umount_ends_the_daemon(
+    s3server: S3Server, bucket: str, s3: S3Client, tmp_path: Path, how: str
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mount(8) of an fstab entry without `user` needs root")
+    try:
+        check_fuse_available()
+    except HarnessError as e:
+        pytest.fail(str(e), pytrace=False)
+    mnt, cache_dir, log_file = tmp_path / "mnt", tmp_path / "cache", tmp_path / "s3cachefs.log"
+    mnt.mkdir()
+    conf = tmp_path / "s3cachefs.toml"
+    # Credentials in the file, as an fstab mount needs them: systemd's mount units carry no AWS_*
+    # environment. The environment below has none, so only the file can supply them.
+    conf.write_text(
+        f'endpoint_url = "{s3server.endpoint_url}"\n'
+        'region_name = "us-east-1"\n'
+        f'access_key_id = "{s3server.access_key}"\n'
+        f'secret_access_key = "{s3server.secret_key}"\n'
+        f'cache_dir = "{cache_dir}"\n'
+        f'log_file = "{log_file}"\n'
+    )
+    conf.chmod(0o600)
+    env = s3server.env()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        del env[name]
+    if how == "fstab":
+        fstab = tmp_path / "fstab"
+        fstab.write_text(f"{bucket} {mnt} fuse.s3cachefs config={conf},_netdev,nofail 0 0\n")
+        command = ["mount", "--fstab", str(fstab), str(mnt)]
+    else:
+        command = ["mount", "-t", "fuse.s3cachefs", "-o", f"config={conf},_netdev,nofail", bucket, str(mnt)]
+
+    pid = None
+    with s3cachefs_on_mount_helper_path():
+        try:
+            # mount(8) returns once the helper exits: the daemon must be in the background by then,
+            # with the mount up.
+            r = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+            assert r.returncode == 0, (r.stdout, r.stderr, _text(log_file))
+            assert os.path.ismount(mnt), _text(log_file)
+            pid = int((cache_dir / "lock").read_text())  # the daemon notes its pid there
+            assert _alive(pid)
+
+            (mnt / "local_content/ab/cd").mkdir(parents=True)
+            (mnt / "local_content/ab/cd/via-mount8").write_bytes(b"mounted by mount(8)")
+            got = s3.get_object(Bucket=bucket, Key="local_content/ab/cd/via-mount8")["Body"].read()
+            assert got == b"mounted by mount(8)"
+
+            u = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=60, check=False)
+            assert u.returncode == 0, u.stderr
+            assert wait_until(lambda: not _alive(pid), 30), _text(log_file)
+            assert not os.path.ismount(mnt)
+            assert "unmounted" in _text(log_file)  # the clean exit path, not a crash
+        finally:
+            if os.path.ismount(mnt) or is_mounted(mnt):
+                fusermount_unmount(mnt, lazy=True)
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
