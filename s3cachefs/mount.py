@@ -326,8 +326,12 @@ async def _serve(parts: _Parts, config: Config) -> bool:
                     continue
                 if signum == signal.SIGUSR1:
                     # For `s3cachefs status` (and tests): counters now rather than in 5 s.
-                    parts.cache.flush_atimes()
-                    parts.cache.persist_stats()
+                    try:
+                        parts.cache.flush_atimes()
+                        parts.cache.persist_stats()
+                    except sqlite3.Error as e:
+                        # A locked or full index must not end the mount over a request for figures.
+                        log.error("SIGUSR1: could not save the counters: %s", e)
                     continue
                 log.info("got %s: unmounting", signal.Signals(signum).name)
                 stopped_by_signal = True

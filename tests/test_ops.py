@@ -12,6 +12,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -330,3 +331,29 @@ def test_mount8_and_fstab_mount_through_mount_fuse3_and_umount_ends_the_daemon(
                 fusermount_unmount(mnt, lazy=True)
             if pid is not None and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- SIGUSR1 -----------------------------------------------------------------------------------------
+
+
+def test_sigusr1_with_the_index_locked_by_another_process_logs_an_error_and_the_mount_stays_up(
+    make_mount: MakeMount, s3: S3Client, bucket: str, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "s3cachefs.log"
+    m = make_mount(extra_args=["--log-file", str(log_file)])
+    assert wait_until(lambda: "listed 0 objects" in _text(log_file), 30), _text(log_file)  # signals handled
+    assert m.proc is not None
+    # Another writer (a stuck `sqlite3` shell, a backup tool) holds the index's write lock: saving the
+    # counters waits sqlite's busy timeout and fails with "database is locked".
+    other = sqlite3.connect(m.cache_dir / "index.sqlite", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        os.kill(m.proc.pid, signal.SIGUSR1)
+        assert wait_until(lambda: "could not save the counters" in _text(log_file), 30), _text(log_file)
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert m.running and m.is_mounted()
+    (m.path / "after-sigusr1").write_bytes(b"still serving")
+    assert s3.get_object(Bucket=bucket, Key="after-sigusr1")["Body"].read() == b"still serving"
+    m.unmount()
