@@ -1,7 +1,7 @@
 """Command line: arguments and config file -> Config; user errors -> one line and exit code 2.
 
-Exit codes: 0 after a clean unmount, 2 for bad usage or configuration (including a bucket that does not
-exist or credentials the server refuses), 1 for a runtime failure (S3 unreachable, mount failed, crash).
+Also mount(8)'s helper for `fuse.s3cachefs` (fstab): `s3cachefs SOURCE MOUNTPOINT -o options`, no
+subcommand, turned into the argv of `mount` (see _mount_helper_argv). The exit codes are in errors.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import Config, ConfigError, build_config, load_config_file
+from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, report
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+# Re-exported: callers and tests have always found the codes here.
+__all__ = ["EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "config_from_args", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,7 +25,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="s3cachefs", description="Mount an S3 bucket as a local directory with a disk cache.")
+    return _parsers()[0]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line's parser and that of its `mount` subcommand (whose options -o maps onto)."""
+    p = _Parser(
+        prog="s3cachefs",
+        description="Mount an S3 bucket as a local directory with a disk cache.",
+        epilog="As mount(8)'s helper (mount -t fuse.s3cachefs, fstab): s3cachefs BUCKET MOUNTPOINT "
+        "-o config=FILE[,key=value,...], the keys being the long options of `mount`.",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     m = sub.add_parser(
         "mount",
@@ -104,7 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--multipart-threshold", dest="multipart_threshold", help="default 16M")
     m.add_argument("--multipart-chunksize", dest="multipart_chunksize", help="default 8M")
     m.add_argument("--log-level", dest="log_level", help="DEBUG, INFO (default), WARNING or ERROR")
-    m.add_argument("--log-file", dest="log_file", help="log here instead of stderr (daemon default: syslog)")
+    m.add_argument(
+        "--log-file",
+        dest="log_file",
+        help="log here instead of stderr (daemon default: syslog); SIGHUP reopens it",
+    )
     st = sub.add_parser(
         "status",
         help="show what is in a cache",
@@ -163,10 +179,95 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bar (none either when stderr is not a terminal)",
     )
-    return p
+    return p, m
+
+
+# mount(8) form (fstab, `mount -t fuse.s3cachefs`): mount.fuse3 runs `s3cachefs SOURCE MOUNTPOINT -o
+# OPTIONS` through /bin/sh, where OPTIONS are the fstab options plus the generic ones mount(8) adds.
+# These concern mount(8), systemd or the kernel's generic flags, not us: FUSE mounts are always nodev
+# and nosuid for an unprivileged daemon anyway, and access times live in our own cache index.
+_MOUNT_ONLY_OPTIONS = frozenset(
+    {
+        "rw",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "noexec",
+        "_netdev",
+        "nofail",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "defaults",
+        "atime",
+        "noatime",
+        "relatime",
+        "strictatime",
+        "nodiratime",
+        "lazytime",
+        "async",
+    }
+)
+
+
+def _is_mount_helper_call(argv: list[str]) -> bool:
+    """mount.fuse3 never names a subcommand and always passes -o; a typo of a subcommand has no -o."""
+    if not argv or argv[0] in ("mount", "status", "import") or argv[0].startswith("-"):
+        return False
+    return any(a == "-o" or a.startswith("-o") for a in argv)
+
+
+def _mount_helper_argv(argv: list[str]) -> list[str]:
+    """`SOURCE MOUNTPOINT -o key=value,flag,...` -> the argv of `mount`: each key is a long option of
+    `s3cachefs mount` (`cache_dir` or `cache-dir`), `config=FILE` is --config. The daemon goes into the
+    background once mounted (mount(8) waits for us to exit) unless `foreground` is among the options."""
+    positional: list[str] = []
+    options: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "-o":
+            options += next(args, "").split(",")
+        elif arg.startswith("-o"):
+            options += arg[2:].split(",")
+        elif arg.startswith("-"):
+            raise ConfigError(f"{arg}: called as a mount helper, s3cachefs takes only -o key=value,...")
+        else:
+            positional.append(arg)
+    long_options = {
+        opt[2:]: action
+        for action in _parsers()[1]._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
+    out = ["mount", *positional]
+    for option in options:
+        key, has_value, value = option.partition("=")
+        if not key or key in _MOUNT_ONLY_OPTIONS or key.startswith("x-") or key == "comment":
+            continue  # x-*: userspace-only options for mount(8) and systemd (x-systemd.automount, ...)
+        if key == "ro":
+            raise ConfigError("-o ro: s3cachefs has no read-only mode (Synapse writes to its media store)")
+        action = long_options.get(key.replace("_", "-"))
+        if action is None:
+            raise ConfigError(f"-o {key}: unknown option (the options are those of `s3cachefs mount --help`)")
+        flag = action.option_strings[-1]
+        if action.nargs == 0:
+            if has_value:
+                raise ConfigError(f"-o {key}: takes no value")
+            out.append(flag)
+        elif not has_value:
+            raise ConfigError(f"-o {key}: needs a value ({key}=...)")
+        else:
+            out += [flag, value]
+    return out
 
 
 def config_from_args(argv: list[str]) -> tuple[str, Config]:
+    if _is_mount_helper_call(argv):
+        argv = _mount_helper_argv(argv)
     args = _parser().parse_args(argv)
     values: dict[str, Any] = {}
     if args.config is not None:
@@ -199,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             return import_main(args)
         command, config = config_from_args(argv)
     except ConfigError as e:
-        print(f"s3cachefs: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return report(e)
     from .mount import run  # imported late: pyfuse3 and boto3 are slow to import for `--help`
 
     assert command == "mount"

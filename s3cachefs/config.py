@@ -362,6 +362,23 @@ def _seconds(values: Mapping[str, Any], name: str, positive: bool) -> float | No
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,62}$")
 
 
+def _credentials(values: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Keys from the config file; else None, and boto3 looks in its usual chain (AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY first). Env files written for other S3 tools, matrix-docker-ansible-deploy's
+    among them, name the pair AWS_ACCESS_KEY / AWS_SECRET_KEY: taken only when both are set and the
+    standard names are absent, so that they never mix with (or override) the standard ones."""
+    access_key_id, secret = _str(values, "access_key_id"), _str(values, "secret_access_key")
+    if access_key_id is not None or secret is not None:
+        return access_key_id, secret
+    env = os.environ
+    if "AWS_ACCESS_KEY_ID" in env or "AWS_SECRET_ACCESS_KEY" in env:
+        return None, None
+    alt_key, alt_secret = env.get("AWS_ACCESS_KEY"), env.get("AWS_SECRET_KEY")
+    if alt_key and alt_secret:
+        return alt_key, alt_secret
+    return None, None
+
+
 def build_config(values: Mapping[str, Any]) -> Config:
     """Validate merged settings (file values overridden by flags; None means "not given")."""
     bucket = _str(values, "bucket")
@@ -391,13 +408,14 @@ def build_config(values: Mapping[str, Any]) -> Config:
     if sse_algo != "AES256":
         raise ConfigError(f"sse_customer_algo: only AES256 is supported by S3, got {sse_algo!r}")
 
+    access_key_id, secret_access_key = _credentials(values)
     s3_kwargs: dict[str, Any] = {
         "bucket": bucket,
         "prefix": _str(values, "prefix") or "",
         "endpoint_url": endpoint,
         "region_name": _str(values, "region_name"),
-        "access_key_id": _str(values, "access_key_id"),
-        "secret_access_key": _str(values, "secret_access_key"),
+        "access_key_id": access_key_id,
+        "secret_access_key": secret_access_key,
         "session_token": _str(values, "session_token"),
         "sse_customer_key": sse_key,
         "sse_customer_algo": sse_algo,

@@ -8,7 +8,8 @@ Order matters and is chosen so that a mount never appears unless it can work:
      exit status tells whether the mount is up;
   5. trio runs pyfuse3's main loop, the background listing, the age evictor and the reaper of
      evicted files in one nursery;
-     SIGTERM/SIGINT unmount cleanly (systemd stop), `fusermount3 -u` ends the loop as well.
+     SIGTERM/SIGINT unmount cleanly (systemd stop), `fusermount3 -u` ends the loop as well;
+     SIGHUP reopens the log file (logrotate, systemctl reload) and never ends the daemon.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import pyfuse3
 import trio
 
 from .cache import Cache, Limits
-from .cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from .config import Config, ConfigError
+from .errors import EXIT_OK, EXIT_RUNTIME, StartupError, report
 from .fs import Operations
 from .index import Index
 from .namespace import Namespace
@@ -47,10 +48,6 @@ HOUSEKEEPING_EVERY = 60.0
 DISK_THREADS = 4
 KERNEL_THREADS = 2
 STATS_EVERY = 5.0
-
-
-class StartupError(Exception):
-    """A runtime failure before mounting (exit 1), e.g. S3 unreachable."""
 
 
 @dataclass
@@ -82,6 +79,28 @@ def _setup_logging(config: Config, daemon: bool) -> None:
     # botocore logs request bodies and headers at DEBUG; keep its chatter (and any secret) out.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _reopen_log_file() -> None:
+    """SIGHUP, after logrotate moved the log file away: later lines go to a new file at the old path.
+    Opened before the old one is closed, so a failure (say, the directory is gone) keeps the old file."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            name = handler.baseFilename
+            try:
+                # Appending, as _setup_logging's handler does; the handler keeps the file open.
+                stream = open(name, "a", encoding=handler.encoding, errors=handler.errors)  # noqa: SIM115
+            except OSError as e:
+                log.error(
+                    "SIGHUP: cannot reopen the log file %s (%s); still writing to the old one",
+                    name,
+                    e.strerror,
+                )
+                continue
+            old = handler.setStream(stream)
+            if old is not None:
+                old.close()
+            log.info("SIGHUP: reopened the log file %s", name)
 
 
 def _check_mountpoint(path: Path) -> os.stat_result:
@@ -232,6 +251,35 @@ def _sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
+def _watchdog_interval() -> float | None:
+    """Seconds between two WATCHDOG=1, or None when systemd watches no one here. Half of
+    WATCHDOG_USEC, as sd_watchdog_enabled(3) advises: one late ping must not cost a restart."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not os.environ.get("NOTIFY_SOCKET"):
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None  # meant for another process (we were started by one that systemd watches)
+    try:
+        interval = int(usec) / 2 / 1_000_000
+    except ValueError:
+        log.warning("ignoring WATCHDOG_USEC=%r: not a number of microseconds", usec)
+        return None
+    return interval if interval > 0 else None
+
+
+async def _watchdog(interval: float) -> None:
+    """Ping systemd from the event loop itself: FUSE requests are answered by this loop, so when it
+    is wedged (a synchronous call that blocks, an endless loop) the pings stop and systemd restarts
+    us, instead of Synapse waiting on a mount that never answers."""
+    while True:
+        try:
+            _sd_notify("WATCHDOG=1")
+        except OSError as e:
+            log.warning("could not ping the systemd watchdog: %s", e)
+        await trio.sleep(interval)
+
+
 def _daemonize() -> None:
     if os.fork() > 0:
         os._exit(EXIT_OK)
@@ -276,13 +324,22 @@ async def _serve(parts: _Parts, config: Config) -> bool:
 
     async def on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal stopped_by_signal
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        with trio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP
+        ) as signals:
             task_status.started()
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reopen_log_file()
+                    continue
                 if signum == signal.SIGUSR1:
                     # For `s3cachefs status` (and tests): counters now rather than in 5 s.
-                    parts.cache.flush_atimes()
-                    parts.cache.persist_stats()
+                    try:
+                        parts.cache.flush_atimes()
+                        parts.cache.persist_stats()
+                    except sqlite3.Error as e:
+                        # A locked or full index must not end the mount over a request for figures.
+                        log.error("SIGUSR1: could not save the counters: %s", e)
                     continue
                 log.info("got %s: unmounting", signal.Signals(signum).name)
                 stopped_by_signal = True
@@ -301,6 +358,9 @@ async def _serve(parts: _Parts, config: Config) -> bool:
         nursery.start_soon(_housekeeping, parts.cache)
         nursery.start_soon(_set_read_ahead, config.mountpoint, config.read_ahead, parts.kernel)
         _sd_notify("READY=1")
+        watchdog = _watchdog_interval()  # read after daemonizing: WATCHDOG_PID names the process
+        if watchdog is not None:
+            nursery.start_soon(_watchdog, watchdog)
         await pyfuse3.main()
         _sd_notify("STOPPING=1")
         nursery.cancel_scope.cancel()
@@ -310,6 +370,10 @@ async def _serve(parts: _Parts, config: Config) -> bool:
 def run(config: Config) -> int:
     # Everything we create (cache files, index, logs) is for this process only: 0600 files, 0700 dirs.
     os.umask(0o077)
+    # SIGHUP's default action ends the process and leaves a dead mount ("Transport endpoint is not
+    # connected") for Synapse. Ignored until the loop runs, which then takes it to reopen the log file
+    # (logrotate, `systemctl reload`); trio restores this when the loop ends.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _limit_malloc_arenas()
     _setup_logging(config, daemon=False)
     try:
@@ -358,9 +422,5 @@ def run(config: Config) -> int:
             parts.index.close()
             log.info("unmounted %s", config.mountpoint)
             return EXIT_OK
-    except ConfigError as e:
-        print(f"s3cachefs: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except StartupError as e:
-        print(f"s3cachefs: error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
+    except (ConfigError, StartupError) as e:
+        return report(e)

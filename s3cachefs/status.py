@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .errors import EXIT_OK
 from .index import Index
 
 
@@ -141,4 +142,4 @@ def main(path: Path, as_json: bool) -> int:
         print(json.dumps(s, indent=2) if as_json else render(s), flush=True)
     except BrokenPipeError:  # `s3cachefs status ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    return EXIT_OK

@@ -6,7 +6,8 @@
 #
 # Idempotent and non-interactive: system packages are installed only when missing (as root, or with
 # passwordless sudo), and the pip step is skipped when nothing it depends on has changed.
-# Environment: S3CACHEFS_VENV (venv path), PYTHON (interpreter to build the venv from; default python3).
+# Environment: S3CACHEFS_VENV (venv path), PYTHON (interpreter to build the venv from; default python3),
+# S3CACHEFS_LINK (where root gets a link to the venv's s3cachefs; default /usr/local/bin/s3cachefs).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -89,3 +90,27 @@ else
 fi
 
 say "virtualenv ready: $VENV (s3cachefs: $VENV/bin/s3cachefs, SeaweedFS: $VENV/bin/weed)"
+
+# --- command for mount(8) and fstab ---------------------------------------------------------------
+# `mount -t fuse.s3cachefs` and fstab entries run `s3cachefs` through mount.fuse3 and /bin/sh, with
+# no PATH of their own: the shell's default path (/usr/local/sbin:/usr/local/bin:/usr/sbin:...) is
+# searched, never a virtualenv. Only a missing file or a link into some virtualenv is (re)placed;
+# anything else there was put by someone else and is left alone.
+LINK=${S3CACHEFS_LINK:-/usr/local/bin/s3cachefs}
+target="$(cd "$VENV" && pwd)/bin/s3cachefs"
+if [ "$(id -u)" -ne 0 ]; then
+    say "not root: $LINK not made; for mount(8)/fstab run as root: ln -s $target $LINK"
+elif [ ! -e "$LINK" ] && [ ! -L "$LINK" ]; then
+    ln -s "$target" "$LINK"
+    say "linked $LINK -> $target (for mount -t fuse.s3cachefs and fstab)"
+elif [ -L "$LINK" ] && [ -f "$(dirname "$(readlink -f "$LINK")")/../pyvenv.cfg" ]; then
+    if [ "$(readlink "$LINK")" = "$target" ]; then
+        say "$LINK already links to $target"
+    else
+        old=$(readlink "$LINK")
+        ln -sfn "$target" "$LINK"
+        say "relinked $LINK -> $target (it linked to $old, in another virtualenv)"
+    fi
+else
+    say "$LINK exists and is not a link into a virtualenv: left alone (mount(8) and fstab entries run it, not $target)"
+fi

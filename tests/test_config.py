@@ -533,3 +533,103 @@ def test_help_lists_the_mount_options() -> None:
     assert r.returncode == 0, r.stderr
     for flag in ("--cache-size", "--cache-dir", "--endpoint-url", "--prefix", "--foreground", "--config"):
         assert flag in r.stdout
+
+
+# --- credentials from the environment -------------------------------------------------------------
+
+
+def _without_aws_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY", "AWS_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_alternative_env_names_aws_access_key_and_aws_secret_key_are_used_when_the_standard_ones_are_absent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _without_aws_keys(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY", "alt-id")
+    monkeypatch.setenv("AWS_SECRET_KEY", "alt-secret")
+    c = config()
+    assert (c.s3.access_key_id, c.s3.secret_access_key) == ("alt-id", "alt-secret")
+
+
+def test_standard_env_names_win_over_the_alternative_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None: boto3's own chain then reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    _without_aws_keys(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "std-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "std-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY", "alt-id")
+    monkeypatch.setenv("AWS_SECRET_KEY", "alt-secret")
+    c = config()
+    assert (c.s3.access_key_id, c.s3.secret_access_key) == (None, None)
+
+
+def test_config_file_keys_win_over_the_alternative_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_aws_keys(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY", "alt-id")
+    monkeypatch.setenv("AWS_SECRET_KEY", "alt-secret")
+    c = config(access_key_id="file-id", secret_access_key="file-secret")
+    assert (c.s3.access_key_id, c.s3.secret_access_key) == ("file-id", "file-secret")
+
+
+def test_half_of_the_alternative_pair_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_aws_keys(monkeypatch)
+    monkeypatch.setenv("AWS_ACCESS_KEY", "alt-id")
+    c = config()
+    assert (c.s3.access_key_id, c.s3.secret_access_key) == (None, None)
+
+
+# --- mount(8) helper form: `s3cachefs SOURCE MOUNTPOINT -o options` -------------------------------
+
+
+def test_mount_helper_form_loads_config_honours_allow_other_and_ignores_mount_only_options(
+    tmp_path: Path,
+) -> None:
+    path = write_toml(tmp_path, PROVIDER_TOML)
+    # What mount.fuse3 runs for `BUCKET /mnt/x fuse.s3cachefs config=FILE,_netdev,nofail` plus
+    # the options mount(8) adds.
+    command, c = config_from_args(
+        ["media", "/mnt/x", "-o", f"rw,config={path},_netdev,nofail,allow_other,dev,suid,x-systemd.automount"]
+    )
+    assert command == "mount"
+    assert (c.s3.bucket, c.mountpoint) == ("media", Path("/mnt/x"))
+    assert c.allow_other is True
+    assert c.foreground is False  # mount(8) waits for us: the daemon must go into the background
+    assert c.s3.endpoint_url == "https://s3.example.com"  # from the file
+
+
+def test_mount_helper_options_map_onto_long_options_with_underscores_or_dashes(tmp_path: Path) -> None:
+    _, c = config_from_args(
+        ["media", "/mnt/x", "-o", "rw,cache_dir=/var/cache/x,cache-size=2G,no_listing,region=eu-1",
+         "-o", "foreground,threadpool_size=4"]
+    )  # fmt: skip
+    assert c.cache_dir == Path("/var/cache/x")
+    assert c.cache_size == 2 * GiB
+    assert c.listing is False
+    assert c.s3.region_name == "eu-1"
+    assert c.foreground is True
+    assert c.s3.threadpool_size == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("rw,no_such_thing=1", "-o no_such_thing: unknown option"),
+        ("rw,cache_size", "-o cache_size: needs a value"),
+        ("rw,allow_other=yes", "-o allow_other: takes no value"),
+        ("ro", "-o ro: s3cachefs has no read-only mode"),
+        ("rw,help", "-o help: unknown option"),
+    ],
+)
+def test_mount_helper_form_refuses_unknown_or_malformed_options_with_exit_2(
+    options: str, message: str
+) -> None:
+    r = run_cli("media", "/mnt/x", "-o", options)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"s3cachefs: error: {message}"), r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_a_mistyped_subcommand_without_o_is_still_a_usage_error() -> None:
+    r = run_cli("mout", "media", "/mnt/x")
+    assert r.returncode == 2 and "invalid choice: 'mout'" in r.stderr, r.stderr
