@@ -261,7 +261,7 @@ def build_synthetic(
             if syn.files >= n:
                 break
             b.file(f"{thumbs}/{t}", rng.randint(1024, 40 * 1024))
-    syn.fingerprint = cache._policy_fingerprint()
+    syn.fingerprint = cache.policies.fingerprint()
     index.set_meta("policy", syn.fingerprint)
     index.commit()
     assert index.cached_bytes() == syn.in_cache_bytes, "the index disagrees with the builder's count"

@@ -39,7 +39,7 @@ from .errors import EXIT_OK, EXIT_RUNTIME, StartupError, report
 from .fs import Operations
 from .index import Index
 from .namespace import Namespace
-from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, make_client
+from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, SyncS3
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _limit_malloc_arenas() -> None:
 
 def _check_s3(config: Config) -> None:
     try:
-        server = S3(config.s3, trio.CapacityLimiter(1), make_client(config.s3)).check_access_sync()
+        server = SyncS3(config.s3).check_access()
         if "seaweedfs" in server.lower():
             # Measured with bench/seaweedfs_folder_cleaner.py on SeaweedFS 4.48: its empty-folder
             # cleaner deletes an object written at the key of a folder emptied shortly before.

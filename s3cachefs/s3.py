@@ -507,12 +507,6 @@ class S3:
         self.calls[what.split(" ", 1)[0]] += 1
         return await trio.to_thread.run_sync(self.sync.call, what, fn, limiter=self.limiter)
 
-    # -- checks -------------------------------------------------------------------------------------
-
-    def check_access_sync(self) -> str:
-        """Called before mounting (no trio yet): SyncS3.check_access."""
-        return self.sync.check_access()
-
     def etag_is_md5_of(self, etag: str, md5_hex: str) -> bool | None:
         return self.sync.etag_is_md5_of(etag, md5_hex)
 

@@ -14,31 +14,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import procmounts
 from .config import ConfigError
 from .errors import EXIT_OK
 from .index import Index
 
 
-def _unescape_mounts(field: str) -> str:
-    # /proc/mounts writes space, tab, newline and backslash as octal escapes.
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
 def cache_dir_of(path: Path) -> Path:
-    """The cache directory behind a mount point, or `path` itself if it is a cache directory."""
+    """The cache directory behind a mount point, or `path` itself if it is a cache directory.
+
+    The mount table is asked first: inside a mount point, an `index.sqlite` is a file from the
+    bucket, which anyone who can write to the bucket could have put there."""
+    target = str(path.absolute())
+    ours = [m for m in procmounts.mounts() if m.point == target and m.fstype == "fuse.s3cachefs"]
+    if ours:
+        src = ours[-1].source  # the last mounted on that point is the one visible
+        if src.startswith("s3cachefs:/"):
+            return Path(src[len("s3cachefs:") :])
+        raise ConfigError(
+            f"{path}: mounted without its cache directory in its source; give the cache directory instead"
+        )
     if (path / "index.sqlite").is_file():
         return path
-    target = str(path.absolute())
-    with open("/proc/mounts") as f:
-        for line in f:
-            source, mnt, fstype = [*line.split(), "", "", ""][:3]
-            if _unescape_mounts(mnt) == target and fstype == "fuse.s3cachefs":
-                src = _unescape_mounts(source)
-                if src.startswith("s3cachefs:/"):
-                    return Path(src[len("s3cachefs:") :])
-                raise ConfigError(
-                    f"{path}: mounted without its cache directory in its source; give the cache directory instead"
-                )
     raise ConfigError(f"{path}: neither an s3cachefs mount point nor a cache directory (no index.sqlite)")
 
 

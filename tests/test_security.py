@@ -24,7 +24,7 @@ from s3cachefs.index import ROOT_INO, Index
 from s3cachefs.namespace import Namespace
 from s3cachefs.s3 import S3, ObjectInfo
 
-from .harness import MakeMount, Mount, S3Server, TcpForwarder, bucket_objects, files_under
+from .harness import MakeMount, Mount, S3Server, TcpForwarder, bucket_objects, files_under, mount_status
 from .test_mount import FAST_FAIL, s3_paused, store_like_synapse
 
 if TYPE_CHECKING:
@@ -276,3 +276,16 @@ def test_tls_is_verified_and_a_private_ca_is_accepted_with_ca_bundle(
 def test_files_left_in_the_cache_are_only_ours(mounted: Mount) -> None:
     store_like_synapse(mounted.path / "local_content/ab/cd/x", b"x")
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files_under(mounted.cache_dir))
+
+
+def test_status_of_a_mount_point_reads_the_mounts_own_cache_not_an_index_file_from_the_bucket(
+    make_mount: MakeMount, s3: S3Client, bucket: str, tmp_path: Path
+) -> None:
+    # Anyone who can write to the bucket can put an `index.sqlite` at its top; `status MOUNTPOINT`
+    # must still read the index of the cache behind the mount (from /proc/mounts), not that file.
+    fake = tmp_path / "fake-index.sqlite"
+    Index(fake).close()
+    s3.put_object(Bucket=bucket, Key="index.sqlite", Body=fake.read_bytes())
+    m = make_mount(bucket=bucket)
+    assert (m.path / "index.sqlite").is_file(), "the bucket's file is visible in the mount"
+    assert mount_status(m)["cache_dir"] == str(m.cache_dir)

@@ -24,7 +24,7 @@ import time
 import trio
 
 from ..index import IN_CACHE, Node, State
-from ..s3 import S3, MultipartUpload, ObjectInfo, S3Error, first_error, md5_fd
+from ..s3 import MAX_PARTS, S3, MultipartUpload, ObjectInfo, S3Error, first_error, md5_fd
 from . import states
 from .download import Downloads, md5_update
 from .evict import Evictor
@@ -172,7 +172,7 @@ class Writes:
                 MultipartUpload(self.s3, self.store.key(w.ino)), opts.multipart_chunksize
             )
             nursery.start_soon(self._pump, w, pl)
-        elif w.seq_end > pl.part_size * 10_000:  # S3's part limit: let close() choose bigger parts
+        elif w.seq_end > pl.part_size * MAX_PARTS:  # S3's part limit: let close() choose bigger parts
             self._drop_pipeline(w)
             return
         pl.more.set()
