@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
 
-from .harness import MakeMount
+from .harness import MakeMount, S3Server, bucket_objects, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -55,3 +57,47 @@ def test_concurrent_writers_without_truncate_all_keep_their_bytes(
     m.start()
     assert (m.path / key).read_bytes() == data, "a write was lost after the remount"
     assert "unexpected error" not in m.log_text()
+
+
+def test_unlink_during_the_first_upload_leaves_no_object_and_no_file(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
+    # A new 12 MiB file is closed while S3 hangs; `rm` of it waits for the upload, which completes
+    # once S3 is back. The DELETE must then remove that first version: the bucket and the mount end
+    # without the file, also after a remount.
+    m = make_mount(server=own_s3server)
+    path = m.path / "local_content/ab/cd/new"
+    path.parent.mkdir(parents=True)
+    f = open(path, "wb")  # noqa: SIM115 (closed by another thread)
+    f.write(os.urandom(12 * MiB))
+    f.flush()
+    own_s3server.pause()
+    results: dict[str, BaseException | None] = {}
+
+    def run(name: str, fn: Callable[[], object]) -> threading.Thread:
+        def target() -> None:
+            try:
+                fn()
+                results[name] = None
+            except BaseException as e:
+                results[name] = e
+
+        t = threading.Thread(target=target)
+        t.start()
+        return t
+
+    try:
+        closer = run("close", f.close)
+        assert not wait_until(lambda: not closer.is_alive(), 1.0), "close() must wait for the hung S3"
+        remover = run("rm", lambda: os.unlink(path))
+        assert not wait_until(lambda: not remover.is_alive(), 1.0), "rm must wait for the upload"
+    finally:
+        own_s3server.resume()
+    closer.join(120)
+    remover.join(120)
+    assert results == {"close": None, "rm": None}, results
+    assert bucket_objects(own_s3server.client(), m.bucket) == {}, "the first upload's object was left behind"
+    assert not path.exists()
+    m.unmount()
+    m.start()
+    assert not path.exists(), "the file came back after a remount"

@@ -152,3 +152,11 @@ def test_at_mount_an_unfinished_write_goes_back_to_s3_or_away(store: Store) -> N
     assert store.index.get(new.ino) is None
     assert row(store, busy.ino).state == State.WRITING
     consistent(store)
+
+
+def test_an_upload_that_ends_after_an_unlink_began_records_its_object_for_the_delete(store: Store) -> None:
+    node = new_file(store, "a", State.WRITING, 0, etag=None)
+    states.uploaded_meanwhile(store, node.ino, 12, "e5")
+    now = row(store, node.ino)
+    assert (now.state, now.size, now.etag) == (State.WRITING, 12, "e5")
+    consistent(store)

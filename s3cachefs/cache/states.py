@@ -26,6 +26,7 @@ committed, so a retried commit never counts twice.
       any file ── dropped() ──▶ (removed): unlink, rename over it, the listing no longer sees it,
                                 a first write that failed with no older version (reverted())
       WRITING ── orphaned() ──▶ REMOTE or (removed): at mount, a write whose close never succeeded
+      WRITING ── uploaded_meanwhile() ──▶ WRITING with an S3 version: unlinked while its upload ran
 
 Room is left for the states of queued uploads and deletes: a queued upload would be LOCAL-like
 (bytes only in data/, never evicted) with a queue row; a queued delete a tombstone row.
@@ -130,6 +131,15 @@ def reverted(store: Store, write: Write, ino: int, prev: tuple[int, str] | None,
     if state == State.CACHED:
         store.cached_bytes += size
     return False
+
+
+def uploaded_meanwhile(store: Store, ino: int, size: int, etag: str) -> None:
+    """WRITING stays WRITING, but S3 now holds `etag` under the file's name: its upload finished
+    after an unlink had begun, and that unlink's DELETE, which waits for the upload, must not skip
+    it as a file that never reached S3."""
+    node = store.index.get(ino)
+    if node is not None and node.state == State.WRITING:
+        store.index.set_object(ino, State.WRITING, size, etag, node.mtime_ns, store.index.listing_gen)
 
 
 def demoted(store: Store, ino: int) -> None:

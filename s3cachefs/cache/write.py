@@ -216,7 +216,10 @@ class Writes:
             if info is None:
                 info = await self.s3.put_file(store.prefix + rel, w.path)
             if w.unlinked:
-                # Unlinked while the upload ran; unlink waits for this lock, then deletes the object.
+                # Unlinked while the upload ran: unlink waits for this lock, then deletes what S3
+                # holds under the name, which it learns from the row. A first upload must record
+                # that there is now an object, or the DELETE is skipped and the file comes back.
+                states.uploaded_meanwhile(store, w.ino, info.size, info.etag)
                 return
             assert self.index.get(w.ino) is not None, "a written file's row is only removed by unlink"
             self.evictor.make_room(info.size)
