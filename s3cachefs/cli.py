@@ -69,6 +69,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="keep this much free on the cache filesystem, e.g. 20G or 10%%",
     )
     m.add_argument(
+        "--upload-queue-max",
+        dest="upload_queue_max",
+        help='bytes of async uploads (upload = "async" paths) that may wait in the queue; past it, '
+        "they upload at close() (default 1G; 0: every upload at close())",
+    )
+    m.add_argument(
         "--no-listing",
         dest="listing",
         action="store_false",

@@ -105,7 +105,7 @@ def parse_policies(raw: Any) -> tuple[PathPolicy, ...]:
     out = []
     for i, t in enumerate(raw):
         where = f"cache_policy #{i + 1}"
-        unknown = sorted(set(t) - {"prefix", "local_only", "evict_rank", "max_age"})
+        unknown = sorted(set(t) - {"prefix", "local_only", "evict_rank", "max_age", "upload"})
         if unknown:
             raise ConfigError(f"{where}: unknown key(s): {', '.join(unknown)}")
         prefix = t.get("prefix")
@@ -120,7 +120,12 @@ def parse_policies(raw: Any) -> tuple[PathPolicy, ...]:
         age = parse_duration(t["max_age"], f"{where}: max_age") if "max_age" in t else None
         if age is not None and age <= 0:
             raise ConfigError(f"{where}: max_age must be more than zero")
-        out.append(PathPolicy(prefix, local_only, rank, age))
+        upload = t.get("upload", "sync")
+        if upload not in ("sync", "async"):
+            raise ConfigError(f'{where}: upload must be "sync" or "async"')
+        if upload == "async" and local_only:
+            raise ConfigError(f"{where}: a local_only path is never uploaded; upload does not apply")
+        out.append(PathPolicy(prefix, local_only, rank, age, upload_async=upload == "async"))
     return tuple(out)
 
 
@@ -179,22 +184,27 @@ class PathPolicy:
     S3-backed file has gone, since they cannot be fetched again.
     evict_rank: under space pressure, lower ranks are evicted first (then least recently used).
     max_age: drop cached copies not used for this long (overrides cache_max_age for these paths).
+    upload_async (config `upload = "async"`): close() returns once the file is durable on the cache
+    disk, and a background uploader sends it; for files that can be made again if the cache disk is
+    lost before the upload (thumbnails, which Synapse regenerates from the original).
     """
 
     prefix: str
     local_only: bool = False
     evict_rank: int = 1
     max_age: float | None = None
+    upload_async: bool = False
 
 
 # Synapse's layout (../docs, synapse/media/filepath.py): remote media can be fetched again from
-# the origin server, so it goes first; URL previews are short-lived and never uploaded.
+# the origin server, so it goes first; URL previews are short-lived and never uploaded; thumbnails
+# are made again from their original when missing, so their uploads are queued (async).
 DEFAULT_POLICIES = (
     PathPolicy("url_cache/", local_only=True, evict_rank=3, max_age=7 * 86400.0),
     PathPolicy("url_cache_thumbnails/", local_only=True, evict_rank=3, max_age=7 * 86400.0),
     PathPolicy("remote_content/", evict_rank=0),
-    PathPolicy("remote_thumbnail/", evict_rank=0),
-    PathPolicy("local_thumbnails/", evict_rank=1),
+    PathPolicy("remote_thumbnail/", evict_rank=0, upload_async=True),
+    PathPolicy("local_thumbnails/", evict_rank=1, upload_async=True),
     PathPolicy("local_content/", evict_rank=2),
 )
 DEFAULT_RANK = 1
@@ -231,6 +241,8 @@ class Config:
     gid: int | None = None
     log_level: str = "INFO"
     log_file: Path | None = None
+    # Bytes of async uploads waiting in the queue at most; past it, those files upload at close().
+    upload_queue_max: int = 1024**3
 
     def key(self, relpath: str) -> str:
         return s3_key(self.s3.prefix, relpath)
@@ -268,6 +280,7 @@ MOUNT_FILE_KEYS = (
     "cache_max_age",
     "cache_min_free",
     "cache_policy",
+    "upload_queue_max",
     "listing",
     "read_ahead",
     "allow_other",
@@ -486,4 +499,6 @@ def build_config(values: Mapping[str, Any]) -> Config:
     }
     if cache_size is not None:
         kwargs["cache_size"] = cache_size
+    if values.get("upload_queue_max") is not None:
+        kwargs["upload_queue_max"] = parse_size(values["upload_queue_max"], "upload_queue_max")
     return Config(**kwargs)

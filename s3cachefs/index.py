@@ -39,10 +39,13 @@ class State(IntEnum):
     CACHED = 2  # in S3, and data/<ino> is a complete, verified copy of exactly that object
     WRITING = 3  # being written; size/etag describe the S3 version (if any) until the upload commits
     LOCAL = 4  # complete in data/<ino>, never uploaded (a local-only path such as url_cache/)
+    # complete and durable in data/<ino>, its upload queued (a path whose policy is upload = "async");
+    # never evicted; S3 may still hold an older version (upload_queue.prev_*)
+    QUEUED = 5
 
 
 # States whose bytes are in data/<ino> and count against the cache cap.
-IN_CACHE = (State.CACHED, State.LOCAL)
+IN_CACHE = (State.CACHED, State.LOCAL, State.QUEUED)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,18 @@ CREATE INDEX IF NOT EXISTS nodes_expiry ON nodes(atime + max_age) WHERE state IN
 CREATE TABLE IF NOT EXISTS doomed(ino INTEGER PRIMARY KEY, size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tombstones(relpath BLOB PRIMARY KEY);
+-- The uploads of QUEUED rows, oldest first, and the S3 version each row had before (to go back to if
+-- its bytes are lost before they are sent). Committed durably with the row (cache/queue.py).
+CREATE TABLE IF NOT EXISTS upload_queue(
+    ino INTEGER PRIMARY KEY, queued_at REAL NOT NULL, prev_size INTEGER, prev_etag TEXT
+);
+-- S3 DELETEs of unlinked files and removed directories' markers (relpath + "/"), not yet done: the
+-- name stays deleted (a listing or a lookup never brings it back) until the DELETE is done. A PUT of
+-- the same key that succeeds removes the entries queued before it (cache/queue.py).
+CREATE TABLE IF NOT EXISTS delete_queue(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, relpath BLOB NOT NULL, queued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delete_queue_relpath ON delete_queue(relpath);
 """
 
 _COLS = "ino, parent, name, state, size, etag, mtime_ns, atime, complete"
@@ -367,7 +382,11 @@ class Index:
     # -- cache accounting -----------------------------------------------------------------------------
 
     def cached_bytes(self) -> int:
-        row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM nodes WHERE state IN (2, 4)").fetchone()
+        row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM nodes WHERE state IN (2, 4, 5)").fetchone()
+        return int(row[0])
+
+    def queued_bytes(self) -> int:
+        row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM nodes WHERE state=5").fetchone()
         return int(row[0])
 
     def cache_summary(self) -> dict[str, int]:
@@ -473,6 +492,78 @@ class Index:
     def clear_tombstones(self) -> None:
         self.db.execute("DELETE FROM tombstones")
 
+    # -- the queues (cache/queue.py) ------------------------------------------------------------------
+
+    def queue_upload(self, ino: int, prev: tuple[int, str] | None, now: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO upload_queue(ino, queued_at, prev_size, prev_etag) VALUES (?, ?, ?, ?)",
+            (ino, now, *(prev if prev else (None, None))),
+        )
+
+    def unqueue_upload(self, ino: int) -> None:
+        self.db.execute("DELETE FROM upload_queue WHERE ino=?", (ino,))
+
+    def queued_upload(self, ino: int) -> tuple[float, tuple[int, str] | None] | None:
+        """(queued at, the S3 version before) of a queued upload, or None."""
+        r = self.db.execute(
+            "SELECT queued_at, prev_size, prev_etag FROM upload_queue WHERE ino=?", (ino,)
+        ).fetchone()
+        if r is None:
+            return None
+        return r[0], ((r[1], r[2]) if r[2] is not None else None)
+
+    def upload_queue(self, limit: int) -> list[int]:
+        """Inodes of queued uploads, oldest first."""
+        q = "SELECT ino FROM upload_queue ORDER BY queued_at LIMIT ?"
+        return [r[0] for r in self.db.execute(q, (limit,))]
+
+    def queue_delete(self, relpath: str, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO delete_queue(relpath, queued_at) VALUES (?, ?)",
+            (relpath.encode("utf-8", "surrogateescape"), now),
+        )
+
+    def delete_queue(self, limit: int) -> list[tuple[int, str]]:
+        """(id, relpath) of queued DELETEs, oldest first."""
+        q = "SELECT id, relpath FROM delete_queue ORDER BY id LIMIT ?"
+        return [(r[0], bytes(r[1]).decode("utf-8", "surrogateescape")) for r in self.db.execute(q, (limit,))]
+
+    def last_delete_id(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM delete_queue").fetchone()[0])
+
+    def delete_relpath(self, delete_id: int) -> str | None:
+        r = self.db.execute("SELECT relpath FROM delete_queue WHERE id=?", (delete_id,)).fetchone()
+        return None if r is None else bytes(r[0]).decode("utf-8", "surrogateescape")
+
+    def has_delete(self, delete_id: int) -> bool:
+        return self.db.execute("SELECT 1 FROM delete_queue WHERE id=?", (delete_id,)).fetchone() is not None
+
+    def drop_deletes(self, relpath: str, upto: int) -> None:
+        """A PUT of relpath succeeded: the DELETEs queued before it began have nothing left to do."""
+        q = "DELETE FROM delete_queue WHERE relpath=? AND id<=?"
+        self.db.execute(q, (relpath.encode("utf-8", "surrogateescape"), upto))
+
+    def delete_done(self, delete_id: int) -> None:
+        self.db.execute("DELETE FROM delete_queue WHERE id=?", (delete_id,))
+
+    def delete_pending(self, relpath: str) -> bool:
+        q = "SELECT 1 FROM delete_queue WHERE relpath=? LIMIT 1"
+        return self.db.execute(q, (relpath.encode("utf-8", "surrogateescape"),)).fetchone() is not None
+
+    def queue_summary(self, now: float) -> dict[str, float]:
+        """For `s3cachefs status`: queued uploads (files, bytes, age of the oldest) and DELETEs."""
+        up = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(n.size), 0), MIN(q.queued_at) FROM upload_queue q JOIN nodes n USING (ino)"
+        ).fetchone()
+        de = self.db.execute("SELECT COUNT(*), MIN(queued_at) FROM delete_queue").fetchone()
+        return {
+            "queued_uploads": up[0],
+            "queued_upload_bytes": up[1],
+            "oldest_queued_upload_age": round(now - up[2], 1) if up[2] is not None else 0.0,
+            "queued_deletes": de[0],
+            "oldest_queued_delete_age": round(now - de[1], 1) if de[1] is not None else 0.0,
+        }
+
     def stale_files(self, gen: int) -> Iterator[Node]:
         q = f"SELECT {_COLS} FROM nodes WHERE state IN (?, ?) AND seen<?"
         for r in self.db.execute(q, (int(State.REMOTE), int(State.CACHED), gen)).fetchall():
@@ -492,23 +583,33 @@ class Index:
         self.db.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
 
     @contextlib.contextmanager
-    def transaction(self, atomic: bool = False) -> Iterator[None]:
+    def transaction(self, atomic: bool = False, durable: bool = False) -> Iterator[None]:
         """One transaction for many small writes (an eviction pass: one commit, not one per file).
         Joins a transaction that is already open. atomic: all or nothing, rolled back if anything
-        fails (e.g. the disk is full); otherwise what was done before the failure is committed."""
+        fails (e.g. the disk is full); otherwise what was done before the failure is committed.
+        durable: the commit is on disk when this returns (synchronous=FULL syncs the WAL at commit;
+        NORMAL, the default, may lose the last commits on power loss): for what an acknowledged
+        close() or unlink() rests on, such as a queued upload or a queued DELETE."""
         if self.db.in_transaction:
+            assert not durable, "a durable commit cannot join a transaction that is already open"
             yield
             return
-        self.db.execute("BEGIN")
+        if durable:
+            self.db.execute("PRAGMA synchronous=FULL")
         try:
-            yield
-        except BaseException:
-            if atomic and self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
+            self.db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                if atomic and self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            finally:
+                if self.db.in_transaction:
+                    self.db.execute("COMMIT")
         finally:
-            if self.db.in_transaction:
-                self.db.execute("COMMIT")
+            if durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
 
     def begin(self) -> None:
         self.db.execute("BEGIN")

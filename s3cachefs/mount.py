@@ -47,6 +47,8 @@ HOUSEKEEPING_EVERY = 60.0
 # Worker threads for local disk work and for calls into the kernel (see _build).
 DISK_THREADS = 4
 KERNEL_THREADS = 2
+# How long a clean stop goes on sending queued uploads and deletes (systemd's TimeoutStopSec is 120 s).
+DRAIN_TIMEOUT = 90.0
 STATS_EVERY = 5.0
 
 
@@ -212,6 +214,7 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
         config.policies,
         config.s3.read_part_size,
         config.s3.read_concurrency,
+        config.upload_queue_max,
     )
     # One limiter per scarce resource: S3 connections (above), local disk work (hashes, copies,
     # fsync, unlinks), and calls into the kernel (invalidations, which can wait on the kernel's page
@@ -310,6 +313,22 @@ async def _housekeeping(cache: Cache) -> None:
             log.error("housekeeping failed: %s", e)
 
 
+async def _drain(cache: Cache) -> None:
+    """At a clean stop: send what the upload and DELETE queues hold, for DRAIN_TIMEOUT at most (the
+    unit's TimeoutStopSec is 120 s); the rest stays queued in the index for the next mount."""
+    with trio.move_on_after(DRAIN_TIMEOUT) as scope:
+        n = await cache.queue.drain()
+        if n:
+            log.info("sent the %d queued uploads and deletes before stopping", n)
+    if scope.cancelled_caught:
+        q = cache.index.queue_summary(cache.store.clock())
+        log.warning(
+            "stopping with %d uploads and %d deletes still queued; they resume at the next mount",
+            q["queued_uploads"],
+            q["queued_deletes"],
+        )
+
+
 def _fsname(config: Config) -> str:
     """The mount's source as `mount` and `df` show it; `s3cachefs status MOUNTPOINT` reads the cache dir from it."""
     cache_dir = str(config.cache_dir)
@@ -363,6 +382,7 @@ async def _serve(parts: _Parts, config: Config) -> bool:
             nursery.start_soon(_watchdog, watchdog)
         await pyfuse3.main()
         _sd_notify("STOPPING=1")
+        await _drain(parts.cache)
         nursery.cancel_scope.cancel()
     return stopped_by_signal
 

@@ -76,8 +76,8 @@ class Namespace:
         except UnicodeDecodeError:
             return None  # no object key can have this name
         rel = self.relpath_of(parent, name)
-        if rel in self.negative:
-            return None
+        if rel in self.negative or self.cache.delete_pending(rel) or self.cache.delete_pending(rel + "/"):
+            return None  # a name whose DELETE is queued stays deleted, whatever S3 still says
         key = self.prefix + rel
         info = await self.s3.head(key)
         is_dir = info is None and await self.s3.has_prefix(key + "/")
@@ -116,7 +116,7 @@ class Namespace:
                 if split_key_path(o.key[len(dir_prefix) :]) is None or b"/" in name:
                     continue
                 rel = o.key[len(self.prefix) :]
-                if self.index.lookup(ino, name) is None and not self.index.is_tombstoned(rel):
+                if self.index.lookup(ino, name) is None and not self._deleted(rel):
                     self.index.add_file(
                         ino,
                         name,
@@ -130,7 +130,8 @@ class Namespace:
             for p in prefixes:
                 name = p[len(dir_prefix) :].rstrip("/").encode("utf-8", "surrogateescape")
                 sane = name and name not in (b".", b"..") and len(name) <= NAME_MAX and b"/" not in name
-                if sane and self.index.lookup(ino, name) is None:
+                gone = self.cache.delete_pending(p[len(self.prefix) :])
+                if sane and not gone and self.index.lookup(ino, name) is None:
                     self.index.add_dir(ino, name, complete=False)
         if self.index.get(ino) is not None:
             self.index.set_complete(ino)
@@ -193,6 +194,10 @@ class Namespace:
                 log.error("background listing failed (%s); retrying in %.0fs", e, retry_every)
             await trio.sleep(retry_every)
 
+    def _deleted(self, rel: str) -> bool:
+        """Deleted through this mount while a listing ran, or its DELETE is still queued."""
+        return self.index.is_tombstoned(rel) or self.cache.delete_pending(rel)
+
     def _apply_listed(self, o: ObjectInfo, gen: int, dirs: cachetools.LRUCache[str, int]) -> None:
         if not o.key.startswith(self.prefix):
             return
@@ -226,7 +231,7 @@ class Namespace:
         name = parts[-1]
         node = self.index.lookup(parent, name)
         if node is None:
-            if not self.index.is_tombstoned(rel):
+            if not self._deleted(rel):
                 self.index.add_file(
                     parent, name, State.REMOTE, o.size, o.etag, o.mtime_ns, gen, self.cache.klass(rel).columns
                 )
@@ -234,7 +239,7 @@ class Namespace:
         if node.is_dir:
             self.skipped_keys += 1
             return
-        if node.state == State.WRITING or self.cache.busy(node.ino):
+        if node.state in (State.WRITING, State.QUEUED) or self.cache.busy(node.ino):
             self.index.set_object(node.ino, node.state, node.size, node.etag, node.mtime_ns, gen)
             return
         if node.etag != o.etag or node.size != o.size:
@@ -286,19 +291,11 @@ class Namespace:
         if node.is_dir:
             raise _err(errno.EISDIR, "unlink")
         rel = self.index.relpath(node.ino)
-        await self.cache.stop_writer(node.ino)
-        node = self.index.get(node.ino)
-        if node is None:
-            return
-        self.cache.index_writable()  # see Cache.upload: never change S3 if the index cannot follow
-        # Only what S3 holds needs a DELETE: not a local-only file, nor a new file never uploaded.
-        if node.state in (State.REMOTE, State.CACHED) or (
-            node.state == State.WRITING and node.etag is not None
-        ):
-            await self.s3.delete(self.prefix + rel)
-        if self.index.get(node.ino) is None:
-            return
-        self.cache.drop(node.ino)
+        self.cache.index_writable()
+        # The row goes and the DELETE is queued, durably, in one commit; no S3 round trip here
+        # (Synapse unlinks on its reactor thread). The queue orders the DELETE after an upload of
+        # the file still in flight.
+        self.cache.unlink(node.ino)
         self._gone(rel)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -314,16 +311,10 @@ class Namespace:
         # The directory's marker object, if another tool made one ("a/b/", which we show as a
         # directory), must go, or the directory comes back at the next listing. SeaweedFS also
         # keeps the empty directories of deleted objects and lists them as common prefixes until
-        # this same DELETE. Deleting a key that does not exist is not an error in S3.
+        # this same DELETE. Deleting a key that does not exist is not an error in S3. Queued, like
+        # a file's DELETE (Cache.remove_dir).
         self.cache.index_writable()
-        await self.s3.delete(self.prefix + rel + "/")
-        node = self.index.get(node.ino)
-        if node is None:
-            return
-        if self.index.has_children(node.ino):
-            raise _err(errno.ENOTEMPTY, "rmdir")
-        gone = node.ino
-        self.cache.index_write(lambda: self.index.remove(gone))
+        self.cache.remove_dir(node.ino)
         self._gone(rel)
 
     async def rename(self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, noreplace: bool) -> None:
@@ -347,6 +338,13 @@ class Namespace:
             raise _err(errno.EBUSY, "rename of a file open for writing")
         if dst is not None and self.cache.writer(dst.ino) is not None:
             raise _err(errno.EBUSY, "rename over a file open for writing")
+        if src.state == State.QUEUED:
+            # Its bytes are not in S3 yet, and a rename is a copy in S3: send them first (rename is
+            # not on Synapse's path; it never renames media).
+            await self.cache.send_queued(src.ino)
+            src = self.index.get(src.ino)
+            if src is None or src.state != State.CACHED:
+                raise _err(errno.EIO, "rename of a file whose queued upload could not be sent")
         src_rel = self.index.relpath(src.ino)
         dst_rel = self.relpath_of(p_new, n_new)
         src_k, dst_k = self.cache.klass(src_rel), self.cache.klass(dst_rel)
@@ -359,20 +357,23 @@ class Namespace:
             # object under the new name must go, or a wiped cache would bring its bytes back.
             if dst is not None and dst.state != State.LOCAL:
                 self.cache.index_writable()
-                await self.s3.delete(self.prefix + dst_rel)
+                async with self.cache.changing(dst_rel):
+                    await self.s3.delete(self.prefix + dst_rel)
                 if self.index.get(src.ino) is None:
                     return
             self._move_file_row(src, src_rel, p_new, n_new, dst_rel, dst_k)
             return
         # S3 has no rename: copy then delete. A crash between the two leaves both names in S3 (never
-        # neither), and the next listing shows both.
+        # neither), and the next listing shows both. Both keys are held: no queued PUT or DELETE
+        # of either runs in between, and DELETEs of the new name queued before the copy are moot.
         self.cache.index_writable()
-        info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel)
-        await self.s3.delete(self.prefix + src_rel)
-        src = self.index.get(src.ino)
-        if src is None:
-            return
-        self._move_file_row(src, src_rel, p_new, n_new, dst_rel, dst_k, info)
+        async with self.cache.changing(src_rel, dst_rel) as mark:
+            info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel)
+            await self.s3.delete(self.prefix + src_rel)
+            src = self.index.get(src.ino)
+            if src is None:
+                return
+            self._move_file_row(src, src_rel, p_new, n_new, dst_rel, dst_k, info, mark)
 
     def _move_file_row(
         self,
@@ -383,6 +384,7 @@ class Namespace:
         dst_rel: str,
         klass: Klass,
         info: ObjectInfo | None = None,
+        deletes_upto: int | None = None,
     ) -> None:
         """Point the row at its new name (and at `info`, the object now under that name, if given),
         replacing whatever file had that name. The index changes are one transaction, retried on a
@@ -396,6 +398,8 @@ class Namespace:
                 self.index.set_object(
                     src.ino, src.state, info.size, info.etag, src.mtime_ns, self.index.listing_gen
                 )
+            if deletes_upto is not None:
+                self.index.drop_deletes(dst_rel, deletes_upto)
 
         if replaced is not None:
             self.cache.drop(replaced.ino, also=record)  # one transaction: the name changes hands

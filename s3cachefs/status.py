@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ def collect(path: Path) -> dict[str, Any]:
     index = Index(cache_dir / "index.sqlite", readonly=True)
     try:
         summary = index.cache_summary()
+        queues = index.queue_summary(time.time())
         stats = json.loads(index.get_meta("stats") or "{}")
         limits = json.loads(index.get_meta("limits") or "{}")
         identity = index.get_meta("identity")
@@ -77,6 +79,8 @@ def collect(path: Path) -> dict[str, Any]:
         "local_only_bytes": summary.get("local_bytes", 0),
         "remote_files": summary.get("remote_files", 0),
         "pending_upload_files": summary.get("writing_files", 0),
+        "queued_bytes": summary.get("queued_bytes", 0),
+        **queues,
         "hits": hits,
         "misses": misses,
         "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
@@ -102,7 +106,7 @@ def _size(n: int | None) -> str:
 
 
 def render(s: dict[str, Any]) -> str:
-    in_cache = s["cached_bytes"] + s["local_only_bytes"]
+    in_cache = s["cached_bytes"] + s["local_only_bytes"] + s["queued_bytes"]
     cap = s["cap_bytes"]
     pct = f" ({100 * in_cache / cap:.0f}% of the cap)" if cap else ""
     ratio = "n/a" if s["hit_ratio"] is None else f"{100 * s['hit_ratio']:.1f}%"
@@ -116,7 +120,10 @@ def render(s: dict[str, Any]) -> str:
         f"  cached         {s['cached_files']} files, {_size(s['cached_bytes'])} (also in S3)",
         f"  local-only     {s['local_only_files']} files, {_size(s['local_only_bytes'])} (never uploaded)",
         f"not cached       {s['remote_files']} files known in S3",
-        f"pending upload   {s['pending_upload_files']} files",
+        f"being written    {s['pending_upload_files']} files",
+        f"upload queue     {s['queued_uploads']} files, {_size(s['queued_upload_bytes'])}, "
+        f"oldest {s['oldest_queued_upload_age']:.0f}s",
+        f"delete queue     {s['queued_deletes']} keys, oldest {s['oldest_queued_delete_age']:.0f}s",
         f"hits / misses    {s['hits']} / {s['misses']} (hit ratio {ratio})",
         f"evictions        {s['evictions']} ({_size(s['evicted_bytes'])})",
         f"uploads          {s['uploads']} ({_size(s['uploaded_bytes'])})",

@@ -62,6 +62,8 @@ class _Request:
         lines = head[:-4].split(b"\r\n")
         self.request_line = lines[0]
         self.method = lines[0].split(b" ", 1)[0].decode("ascii", "replace")
+        parts = lines[0].split(b" ")
+        self.target = parts[1].decode("ascii", "replace") if len(parts) > 1 else ""
         self.headers: list[tuple[bytes, bytes]] = []
         for line in lines[1:]:
             name, _, value = line.partition(b":")
@@ -128,6 +130,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._mode = "pass"
         self._probability = 1.0
+        # Only requests whose "METHOD target" contains this string get the fault (None: all).
+        self._only: str | None = None
         self._rng = random.Random(seed)
         self._counts: Counter[str] = Counter()
         self._requests = 0
@@ -143,13 +147,15 @@ class FaultProxy:
 
     # -- control (any thread) -----------------------------------------------------------------------
 
-    def set_mode(self, mode: str, probability: float = 1.0) -> None:
+    def set_mode(self, mode: str, probability: float = 1.0, only: str | None = None) -> None:
+        """only: the fault applies to requests whose "METHOD target" contains this (e.g. "DELETE "
+        or "PUT /bucket/local_thumbnails/"); the others pass."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must be within [0, 1], got {probability}")
         with self._lock:
-            self._mode, self._probability = mode, probability
+            self._mode, self._probability, self._only = mode, probability, only
 
     @property
     def mode(self) -> tuple[str, float]:
@@ -157,9 +163,9 @@ class FaultProxy:
             return self._mode, self._probability
 
     @contextlib.contextmanager
-    def fault(self, mode: str, probability: float = 1.0) -> Iterator[FaultProxy]:
+    def fault(self, mode: str, probability: float = 1.0, only: str | None = None) -> Iterator[FaultProxy]:
         """Apply a mode for the duration of a with-block, then go back to `pass`."""
-        self.set_mode(mode, probability)
+        self.set_mode(mode, probability, only)
         try:
             yield self
         finally:
@@ -174,11 +180,13 @@ class FaultProxy:
         with self._lock:
             return self._requests
 
-    def _decide(self, method: str) -> str:
+    def _decide(self, method: str, target: str = "") -> str:
         with self._lock:
             self._requests += 1
             mode = self._mode
-            if mode != "pass" and self._probability < 1.0 and self._rng.random() >= self._probability:
+            if (mode != "pass" and self._only is not None and self._only not in f"{method} {target}") or (
+                mode != "pass" and self._probability < 1.0 and self._rng.random() >= self._probability
+            ):
                 mode = "pass"
             self._counts[mode] += 1
             self._counts[f"{mode}:{method}"] += 1
@@ -259,7 +267,7 @@ class FaultProxy:
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                     return  # closed (an idle pooled connection) or garbage: nothing to count
                 req = _Request(head)
-                mode = self._decide(req.method)
+                mode = self._decide(req.method, req.target)
                 if mode == "pass":
                     await self._forward(req, reader, writer)
                 elif mode in _ERRORS:

@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -511,13 +512,30 @@ class _PortTaken(Exception):
 
 
 def bucket_objects(client: S3Client, bucket: str) -> dict[str, bytes]:
-    """Every object in the bucket, key -> content."""
+    """Every object in the bucket, key -> content. A key deleted between the LIST and its GET (a
+    queued DELETE of the mount's running meanwhile) is left out, as it is gone."""
     out: dict[str, bytes] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
             key = obj["Key"]
-            out[key] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            with contextlib.suppress(client.exceptions.NoSuchKey):
+                out[key] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     return out
+
+
+def queues_empty(m: Mount) -> bool:
+    """No upload or DELETE of the mount is queued (read from its index, beside the daemon)."""
+    try:
+        db = sqlite3.connect(f"file:{m.cache_dir / 'index.sqlite'}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return True
+    try:
+        q = "SELECT (SELECT COUNT(*) FROM upload_queue) + (SELECT COUNT(*) FROM delete_queue)"
+        return int(db.execute(q).fetchone()[0]) == 0
+    except sqlite3.Error:
+        return True  # an index from before the queues, or none yet
+    finally:
+        db.close()
 
 
 # ---------------------------------------------------------------------------------------------------

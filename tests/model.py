@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from .harness import Mount, S3Server, bucket_objects, wait_until
+from .harness import Mount, S3Server, bucket_objects, queues_empty, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -412,6 +412,7 @@ class Env:
         rm(m.path)
         if os.listdir(m.path):
             raise RuntimeError("mount not empty after removing everything")
+        wait_until(lambda: queues_empty(m), 30.0)  # the DELETEs are queued
         left = bucket_objects(self.s3, m.bucket)
         if left:
             raise RuntimeError(f"bucket not empty after removing everything: {sorted(left)}")
@@ -688,6 +689,11 @@ class MountModel(RuleBasedStateMachine):
             # kernel sends after close() has returned (see the report of that bug): allow it a moment.
             wait_until(lambda: self._get_key(path) is None, 2.0)
             actual = self._get_key(path)
+        if actual != expected and self.mount is not None:
+            # A queued upload (thumbnails) or DELETE (every unlink) reaches S3 in the background:
+            # the bucket must agree once the mount's queues are empty.
+            wait_until(lambda: queues_empty(self.mount) if self.mount else True, 30.0)
+            actual = self._get_key(path)
         self.env.stats.calls += 1
         if actual != expected:
             self.fail(
@@ -698,6 +704,10 @@ class MountModel(RuleBasedStateMachine):
         assert self.mount is not None
         actual = bucket_objects(self.env.s3, self.mount.bucket)
         expected = self.model.uploaded()
+        if actual != expected:  # see check_key: the queues first
+            mount = self.mount
+            wait_until(lambda: queues_empty(mount), 30.0)
+            actual = bucket_objects(self.env.s3, self.mount.bucket)
         self.env.stats.calls += 1
         self.trace.append(f"bucket: {len(actual)} objects")
         if actual == expected:

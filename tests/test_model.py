@@ -37,6 +37,7 @@ from .harness import (
     check_fuse_available,
     dir_bytes,
     fuse_mounts,
+    queues_empty,
     wait_until,
 )
 from .model import Env, machine_for
@@ -122,6 +123,8 @@ def test_directories_removed_through_the_mount_do_not_come_back(make_mount: Make
     os.unlink(m.path / "t/a/f")
     os.rmdir(m.path / "t/a")
     os.rmdir(m.path / "t")
+    assert os.listdir(m.path) == []
+    assert wait_until(lambda: queues_empty(m), 30)  # the DELETEs are queued, done in order
     assert bucket_objects(s3, m.bucket) == {}
     assert os.listdir(m.path) == []
     m.unmount()

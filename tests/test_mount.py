@@ -30,6 +30,7 @@ from .harness import (
     bucket_objects,
     dir_bytes,
     pages_in_page_cache,
+    queues_empty,
     wait_until,
 )
 
@@ -121,8 +122,11 @@ def test_overwriting_a_thumbnail_replaces_the_object(mounted: Mount, s3: S3Clien
     path = mounted.path / THUMB_DIR / THUMBS[0]
     store_like_synapse(path, b"first version, longer than the second")
     store_like_synapse(path, b"second")
-    assert s3.get_object(Bucket=mounted.bucket, Key=f"{THUMB_DIR}/{THUMBS[0]}")["Body"].read() == b"second"
     assert path.read_bytes() == b"second"
+    # Thumbnails are uploaded from the queue (upload = "async"): the second version must be what
+    # S3 ends with, whichever order the queue met them in.
+    assert wait_until(lambda: queues_empty(mounted), 30)
+    assert s3.get_object(Bucket=mounted.bucket, Key=f"{THUMB_DIR}/{THUMBS[0]}")["Body"].read() == b"second"
 
 
 def test_append_and_truncate_rewrite_the_whole_object(mounted: Mount, s3: S3Client) -> None:

@@ -5,12 +5,14 @@ clients drive it: shared-secret admin registration, uploads of PNG and JPEG imag
 (Synapse thumbnails them) and of a 32 MiB binary file, authenticated downloads
 (`/_matrix/client/v1/media/download`, `enable_authenticated_media` left at its default, true) and
 thumbnails, a restart on a wiped cache (everything then comes from S3), admin deletes and the admin
-purge of old local media. The bucket is checked with boto3 all along: objects are in S3 as soon as the
-upload request returns, and the keys are exactly synapse-s3-storage-provider's layout under the prefix.
+purge of old local media. The bucket is checked with boto3 all along: originals are in S3 as soon as the
+upload request returns (thumbnails soon after, from the upload queue), and the keys are exactly
+synapse-s3-storage-provider's layout under the prefix.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -24,7 +26,8 @@ from typing import TYPE_CHECKING
 import pytest
 from PIL import Image
 
-from .harness import MakeMount, Mount, dir_bytes, files_under
+from .faultproxy import FaultProxy
+from .harness import MakeMount, Mount, S3Server, dir_bytes, files_under, wait_until
 from .synapse_harness import MatrixClient, Response, SynapseServer
 
 if TYPE_CHECKING:
@@ -146,13 +149,30 @@ def check_layout(listing: dict[str, tuple[int, str, float]], media: list[Medium]
             assert methods == {"crop", "scale"}, f"{m.filename}: thumbnails {sorted(thumbs)}"
 
 
+def thumbnails_in_bucket(s3: S3Client, bucket: str, m: Medium) -> set[str]:
+    listing = bucket_listing(s3, bucket)
+    return {
+        match.group("method")
+        for k in keys_under(listing, m.thumbnail_dir + "/")
+        if (match := THUMBNAIL_KEY.match(k))
+    }
+
+
+def has_both_thumbnails(s3: S3Client, bucket: str, m: Medium) -> bool:
+    return thumbnails_in_bucket(s3, bucket, m) >= {"crop", "scale"}
+
+
 def check_gone(mount: Mount, s3: S3Client, bucket: str, client: MatrixClient, m: Medium) -> None:
     client.download(m.server_name, m.media_id, expect=404)
     assert not os.path.exists(mount.path / m.relpath), f"{m.relpath} still in the mount"
     assert not os.path.exists(mount.path / m.thumbnail_dir), f"{m.thumbnail_dir} still in the mount"
-    listing = bucket_listing(s3, bucket)
-    left = keys_under(listing, m.relpath) | keys_under(listing, m.thumbnail_dir + "/")
-    assert left == set(), f"{m.filename}: still in the bucket after Synapse deleted it: {sorted(left)}"
+
+    def left() -> set[str]:
+        listing = bucket_listing(s3, bucket)
+        return keys_under(listing, m.relpath) | keys_under(listing, m.thumbnail_dir + "/")
+
+    # The DELETEs are queued at unlink (Synapse's reactor does not wait for them) and done at once.
+    assert wait_until(lambda: left() == set(), 60), f"{m.filename}: still in the bucket: {sorted(left())}"
 
 
 def log_problems(path: Path, markers: tuple[str, ...] = ("ERROR", "CRITICAL", "Traceback")) -> list[str]:
@@ -202,14 +222,16 @@ def test_synapse_media_lives_in_s3_survives_a_cache_wipe_and_deletes_reach_the_b
         Medium("archive.bin", "application/octet-stream", os.urandom(BIG_SIZE), None),
     ]
 
-    # -- upload: a 200 means the original (and the thumbnails Synapse made before answering) are in S3
+    # -- upload: a 200 means the original is in S3; its thumbnails (upload = "async" by default) are
+    # queued on the cache disk and reach S3 in the background
     for m in media:
         m.server_name, m.media_id, m.upload_seconds = client.upload(m.data, m.content_type, m.filename)
         assert m.server_name == server.SERVER_NAME
         stored = get_bytes(s3, bucket, m.relpath)  # no sleep, no retry
         assert hashlib.sha256(stored).digest() == hashlib.sha256(m.data).digest(), f"{m.filename} in S3"
+    for m in media:
         if m.image_size is not None:
-            assert keys_under(bucket_listing(s3, bucket), m.thumbnail_dir + "/"), (
+            assert wait_until(functools.partial(has_both_thumbnails, s3, bucket, m), 60), (
                 f"{m.filename}: no thumbnails"
             )
     big = media[-1]
@@ -271,7 +293,9 @@ def test_synapse_media_lives_in_s3_survives_a_cache_wipe_and_deletes_reach_the_b
     assert result["total"] == len(remaining)
     for m in remaining:
         check_gone(mount, s3, bucket, client, m)
-    assert bucket_listing(s3, bucket) == {}, "objects left in the bucket after the purge"
+    assert wait_until(lambda: bucket_listing(s3, bucket) == {}, 60), (
+        "objects left in the bucket after the purge"
+    )
     assert list(files_under(mount.path)) == [], "files left in the mount after the purge"
 
     assert server.stop() == 0
@@ -288,3 +312,52 @@ def test_synapse_media_lives_in_s3_survives_a_cache_wipe_and_deletes_reach_the_b
     figures["test body"] = time.monotonic() - began
     print("figures (s): " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
     print(f"32 MiB upload through Synapse: {BIG_SIZE / big.upload_seconds / 2**20:.1f} MiB/s")
+
+
+def test_thumbnails_still_queued_when_the_cache_is_lost_are_made_again_by_synapse(
+    make_mount: MakeMount, s3server: S3Server, s3: S3Client, bucket: str, tmp_path: Path
+) -> None:
+    # Thumbnails are acknowledged once queued on the cache disk. If that disk is lost before they
+    # are sent, Synapse finds them missing and makes them again from the originals, which are in S3:
+    # every thumbnail request still gets a valid image.
+    with FaultProxy(s3server.s3_port, seed=1) as proxy:
+        mount = make_mount(
+            bucket=bucket,
+            extra_args=["--prefix", PREFIX, "--endpoint-url", proxy.endpoint_url, "--max-attempts", "2"],
+        )
+        server = SynapseServer(tmp_path / "synapse", media_store_path=mount.path)
+        server.write_config()
+        try:
+            proxy.set_mode("http_503", only=f"PUT /{bucket}/{PREFIX}local_thumbnails/")
+            server.start()
+            client = MatrixClient(server)
+            client.register_admin("admin", "correct horse battery staple")
+            media = [
+                Medium("photo.jpg", "image/jpeg", make_image("JPEG", (800, 600), "RGB"), (800, 600)),
+                Medium("screenshot.png", "image/png", make_image("PNG", (640, 480), "RGB"), (640, 480)),
+            ]
+            for m in media:
+                m.server_name, m.media_id, m.upload_seconds = client.upload(
+                    m.data, m.content_type, m.filename
+                )
+                assert get_bytes(s3, bucket, m.relpath) == m.data
+                assert thumbnails_in_bucket(s3, bucket, m) == set(), "thumbnail PUTs are refused"
+                assert os.listdir(mount.path / m.thumbnail_dir), "Synapse made its thumbnails"
+            assert server.stop() == 0
+            mount.kill()  # the queued thumbnails die with the cache disk
+            mount.wipe_cache()
+            mount.start()
+            server.start()
+            for m in media:
+                for method, w, h in (("crop", 32, 32), ("scale", 320, 240)):
+                    check_thumbnail(
+                        client.thumbnail(m.server_name, m.media_id, w, h, method), m, w, h, method
+                    )
+            proxy.set_mode("pass")
+            for m in media:  # made again, queued again, and sent now that S3 takes them
+                assert wait_until(functools.partial(has_both_thumbnails, s3, bucket, m), 60)
+            assert server.stop() == 0
+        finally:
+            if server.running:
+                server.stop()
+            server.kill()

@@ -3,23 +3,25 @@ from the parts of this package (store, policy, space, evict, download, write, st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from ..index import Index, Node
+from ..index import Index, Node, State
 from ..s3 import S3
 from . import states
 from .download import Downloads
 from .evict import Evictor
 from .policy import Klass, Policies
+from .queue import KeyLocks, Queue
 from .space import Space
 from .states import Change
 from .store import Download, Limits, Store, Writer
@@ -49,7 +51,13 @@ class Cache:
         self.space = Space(self.store)
         self.evictor = Evictor(self.store, limits, disk)
         self.downloads = Downloads(self.store, s3, limits, self.evictor, self.space, disk)
-        self.writes = Writes(self.store, s3, self.policies, self.space, self.evictor, self.downloads, disk)
+        self.keys = KeyLocks()
+        self.queue = Queue(
+            self.store, s3, self.space, self.keys, limits.upload_queue_max, limits.upload_concurrency, disk
+        )
+        self.writes = Writes(
+            self.store, s3, self.policies, self.space, self.evictor, self.downloads, self.queue, disk
+        )
         self._stats_base: Counter[str] = Counter(json.loads(index.get_meta("stats") or "{}"))
         self._saves = int(index.get_meta("saves") or 0)
 
@@ -82,6 +90,7 @@ class Cache:
         Returns when cancelled (the mount is going down)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.evictor.run_reaper)
+            await nursery.start(self.queue.run)
             self.store.nursery = nursery
             try:
                 task_status.started()
@@ -125,15 +134,6 @@ class Cache:
     def writer(self, ino: int) -> Writer | None:
         """The writer of a file being written, if any (all its write handles share it)."""
         return self.store.writers.get(ino)
-
-    async def stop_writer(self, ino: int) -> None:
-        """Before the file is unlinked: its writer must not commit, and an upload in flight would
-        re-create the object after the DELETE, so wait for it to end."""
-        w = self.store.writers.get(ino)
-        if w is not None:
-            w.unlinked = True
-            async with w.lock:
-                pass
 
     def busy(self, ino: int) -> bool:
         return self.store.busy(ino)
@@ -203,6 +203,52 @@ class Cache:
     def index_write(self, change: Change) -> None:
         self.space.index_write(change)
 
+    def unlink(self, ino: int) -> None:
+        """The file leaves the namespace and its DELETE is queued, in one durable commit: no S3 round
+        trip here (queue.py orders the DELETE after an upload of the file still in flight)."""
+        node = self.index.get(ino)
+        if node is None:
+            return
+        rel = self.index.relpath(ino)
+        # Nothing to delete in S3 for a local-only path, or an empty file (kept in the cache only).
+        in_s3 = not self.policies.klass(rel).local_only and node.state != State.LOCAL
+        now = self.store.clock()
+        also = (lambda: self.index.queue_delete(rel, now)) if in_s3 else None
+        states.dropped(self.store, self.space.durable_write, ino, also)
+        if in_s3:
+            self.queue.wake()
+
+    def remove_dir(self, ino: int) -> None:
+        """An empty directory leaves the namespace; the DELETE of its marker object (another tool's
+        "a/b/", or SeaweedFS's implicit directory) is queued, in one durable commit."""
+        rel = self.index.relpath(ino) + "/"
+        now = self.store.clock()
+
+        def change() -> None:
+            self.index.remove(ino)
+            self.index.queue_delete(rel, now)
+
+        self.space.durable_write(change)
+        self.queue.wake()
+
+    def delete_pending(self, relpath: str) -> bool:
+        """A DELETE of this key is queued: the name is gone, whatever S3 still lists."""
+        return self.index.delete_pending(relpath)
+
+    @contextlib.asynccontextmanager
+    async def changing(self, *relpaths: str) -> AsyncIterator[int]:
+        """Hold the keys for S3 changes made outside the cache (a rename's copy and delete), in a
+        fixed order (no deadlock between two renames). Yields the last queued DELETE's id: pass it
+        to settled() once the copy onto a key succeeded."""
+        async with contextlib.AsyncExitStack() as stack:
+            for rel in sorted(set(relpaths)):
+                await stack.enter_async_context(self.keys.hold(rel))
+            yield self.index.last_delete_id()
+
+    async def send_queued(self, ino: int) -> None:
+        """A QUEUED file must be in S3 now (a rename copies it there): send it, waiting for S3."""
+        await self.queue.send(ino)
+
     def drop(self, ino: int, also: Change | None = None, durable: bool = True) -> None:
         """The file leaves the namespace (states.dropped); `also` commits with it. durable: commit
         now, retried on a full disk; otherwise inside the transaction the caller holds."""
@@ -256,6 +302,7 @@ class Cache:
             "in_cache_bytes": self.store.cached_bytes,
             "pending_delete_bytes": self.store.pending_bytes,
             **self.index.cache_summary(),
+            **self.index.queue_summary(self.store.clock()),
             **{f"stat_{k}": v for k, v in self.counters().items()},
         }
 

@@ -17,6 +17,7 @@ class Klass:
     rank: int
     max_age: int | None
     local_only: bool
+    async_upload: bool = False  # close() queues the upload (upload = "async")
 
     @property
     def columns(self) -> tuple[int, int | None]:
@@ -34,7 +35,7 @@ class Policies:
             age = self.default_max_age
             return Klass(DEFAULT_RANK, None if age is None else int(age), False)
         age = p.max_age if p.max_age is not None else self.default_max_age
-        return Klass(p.evict_rank, None if age is None else int(age), p.local_only)
+        return Klass(p.evict_rank, None if age is None else int(age), p.local_only, p.upload_async)
 
     def fingerprint(self) -> str:
         """Changes when the policies do: the index keeps the one its classes were computed with."""

@@ -41,19 +41,23 @@ class Space:
         self.reserve_short = False  # the disk had no room to make the reserve again
         self.keep_reserve()
 
-    def index_write(self, change: Change) -> None:
+    def index_write(self, change: Change, durable: bool = False) -> None:
         """Make an index change that must not be lost, in one transaction. The index is probed before
         S3 is changed, but a full cache disk can still refuse the few pages a change needs: then
         cached copies are evicted, or the reserve is given up, and it is tried again, since an index
         that disagrees with S3 fails a write S3 in fact holds, or shows a file that never was."""
         while True:
             try:
-                with self.index.transaction(atomic=True):
+                with self.index.transaction(atomic=True, durable=durable):
                     change()
                 return
             except sqlite3.OperationalError:
                 if not self._make_index_room():
                     raise
+
+    def durable_write(self, change: Change) -> None:
+        """index_write, committed durably (what an acknowledged close or unlink rests on)."""
+        self.index_write(change, durable=True)
 
     def index_writable(self) -> None:
         """Make sure the index can take a write before S3 is changed (see write.Writes.upload); a

@@ -22,14 +22,18 @@ committed, so a retried commit never counts twice.
           upload (an older S3 version exists;             │
           CACHED again if its copy was never touched)     └── local(): close of a local-only path,
                                                               or of an empty file ─────────────▶ LOCAL
+      WRITING ── queued(): close of an upload = "async" path: fsync, durable commit ──▶ QUEUED
+      QUEUED ── sent(): the background uploader's PUT is done ──▶ CACHED
+      QUEUED ── demoted(): its bytes were lost before the upload ──▶ REMOTE (older version) or (removed)
+      QUEUED is never evicted; a write-open, rename or unlink of it is handled by queue.py first
       LOCAL ── writing() ──▶ WRITING;  LOCAL ── evicted() (age limit or disk full only) ──▶ (removed)
       any file ── dropped() ──▶ (removed): unlink, rename over it, the listing no longer sees it,
                                 a first write that failed with no older version (reverted())
       WRITING ── orphaned() ──▶ REMOTE or (removed): at mount, a write whose close never succeeded
       WRITING ── uploaded_meanwhile() ──▶ WRITING with an S3 version: unlinked while its upload ran
 
-Room is left for the states of queued uploads and deletes: a queued upload would be LOCAL-like
-(bytes only in data/, never evicted) with a queue row; a queued delete a tombstone row.
+A queued DELETE is no row state: the row is removed (dropped()) and its key entered in the index's
+delete_queue in the same durable commit (queue.py).
 
 What survives a crash (kill -9, power loss):
 - CACHED is written to the index only after the data file was verified and renamed into place,
@@ -53,7 +57,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..index import IN_CACHE, State
+from ..index import IN_CACHE, Node, State
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -75,42 +79,120 @@ def transaction(store: Store) -> Write:
     return write
 
 
+def _uncount(store: Store, node: Node | None) -> None:
+    """The row's bytes leave the accounting (it is about to hold another version, or none)."""
+    if node is not None and node.state in IN_CACHE:
+        store.cached_bytes -= node.size
+    if node is not None and node.state == State.QUEUED:
+        store.queued_bytes -= node.size
+
+
 def cached(
-    store: Store, write: Write, ino: int, size: int, etag: str | None, mtime_ns: int, md5: str | None
+    store: Store,
+    write: Write,
+    ino: int,
+    size: int,
+    etag: str | None,
+    mtime_ns: int,
+    md5: str | None,
+    deletes_upto: int | None = None,
 ) -> None:
     """REMOTE -> CACHED (a download is in data/) or WRITING -> CACHED (its upload is in S3 and its
-    staging file in data/): data/<ino> holds exactly the object `etag`, whose MD5 is `md5`."""
+    staging file in data/): data/<ino> holds exactly the object `etag`, whose MD5 is `md5`. After a
+    PUT (deletes_upto given): a queued upload of an older version, and the DELETEs of this key queued
+    before the PUT began, have nothing left to do."""
+    before = store.index.get(ino)
+    rel = store.index.relpath(ino) if deletes_upto is not None else ""
 
     def change() -> None:
         store.index.set_object(ino, State.CACHED, size, etag, mtime_ns, store.index.listing_gen)
         store.index.set_md5(ino, md5)
+        if deletes_upto is not None:
+            store.index.unqueue_upload(ino)
+            store.index.drop_deletes(rel, deletes_upto)
 
     write(change)
+    _uncount(store, before)
     store.verified[ino] = True
     store.cached_bytes += size
 
 
 def local(store: Store, write: Write, ino: int, size: int, mtime_ns: int, md5: str) -> None:
     """WRITING -> LOCAL: a local-only file (or an empty one) is complete in data/, never uploaded."""
+    before = store.index.get(ino)
 
     def change() -> None:
         store.index.set_object(ino, State.LOCAL, size, None, mtime_ns, store.index.listing_gen)
         store.index.set_md5(ino, md5)
+        store.index.unqueue_upload(ino)
 
     write(change)
+    _uncount(store, before)
     store.verified[ino] = True
     store.cached_bytes += size
 
 
+def queued(store: Store, write: Write, ino: int, size: int, mtime_ns: int, md5: str) -> None:
+    """WRITING -> QUEUED: a file whose policy is upload = "async" was closed; its bytes are fsynced
+    in data/ and its upload is queued, in one commit (write must be durable). The queue entry keeps
+    the version S3 holds until the upload is done: that of an earlier entry, or the row's."""
+    before = store.index.get(ino)
+    entry = store.index.queued_upload(ino)
+    if entry is not None:
+        prev = entry[1]
+    elif before is not None and before.etag is not None and before.state != State.QUEUED:
+        prev = (before.size, before.etag)  # REMOTE, CACHED, or WRITING over a file S3 holds
+    else:
+        prev = None
+
+    def change() -> None:
+        store.index.set_object(ino, State.QUEUED, size, None, mtime_ns, store.index.listing_gen)
+        store.index.set_md5(ino, md5)
+        store.index.queue_upload(ino, prev, store.clock())
+
+    write(change)
+    _uncount(store, before)
+    store.verified[ino] = True
+    store.cached_bytes += size
+    store.queued_bytes += size
+
+
+def sent(store: Store, write: Write, ino: int, etag: str, deletes_upto: int) -> None:
+    """QUEUED -> CACHED: the background uploader put it; S3 holds exactly data/<ino>. DELETEs of the
+    same key queued before the PUT began are done by it."""
+    node = store.index.get(ino)
+    if node is None or node.state != State.QUEUED:
+        return
+    rel = store.index.relpath(ino)
+
+    def change() -> None:
+        store.index.set_object(ino, State.CACHED, node.size, etag, node.mtime_ns, store.index.listing_gen)
+        store.index.unqueue_upload(ino)
+        store.index.drop_deletes(rel, deletes_upto)
+
+    write(change)
+    store.queued_bytes -= node.size
+
+
 def writing(store: Store, ino: int) -> None:
-    """REMOTE, CACHED or LOCAL -> WRITING: a write began (or the file was written again after an
-    upload). Its bytes no longer count as cached: the copy in data/ is not what S3 will hold."""
+    """REMOTE, CACHED, LOCAL or QUEUED -> WRITING: a write began (or the file was written again after
+    a commit). Its bytes no longer count as cached: the copy in data/ is not what the file will hold.
+    A QUEUED row keeps its queue entry (the uploader skips it while it is WRITING): a write that
+    fails goes back to it (requeued)."""
     node = store.index.get(ino)
     if node is None or node.state == State.WRITING:
         return
     store.index.set_state(ino, State.WRITING)
-    if node.state in IN_CACHE:
-        store.cached_bytes -= node.size
+    _uncount(store, node)
+
+
+def requeued(store: Store, write: Write, ino: int, size: int) -> None:
+    """WRITING -> QUEUED again: a write of a queued file failed; data/<ino> still holds the queued
+    version, which close() acknowledged, and its queue entry is still there."""
+    store.content_replaced(ino)
+    write(lambda: store.index.set_state(ino, State.QUEUED))
+    store.cached_bytes += size
+    store.queued_bytes += size
 
 
 def reverted(store: Store, write: Write, ino: int, prev: tuple[int, str] | None, copy_intact: bool) -> bool:
@@ -152,6 +234,21 @@ def demoted(store: Store, ino: int) -> None:
         # Its only copy is gone (the cache directory was wiped): the file is gone too.
         log.warning("local-only file %s lost its cached copy; removing it", store.index.relpath(ino))
         store.index.remove(ino)
+    elif node.state == State.QUEUED:
+        # Lost before its upload: S3 still holds the version before it, or nothing. (Async uploads
+        # are for files that can be made again, such as thumbnails; the README says what it trades.)
+        entry = store.index.queued_upload(ino)
+        prev = entry[1] if entry else None
+        log.warning("%s lost its cached copy before its queued upload", store.index.relpath(ino))
+        with store.index.transaction(atomic=True):
+            store.index.unqueue_upload(ino)
+            if prev is None:
+                store.index.remove(ino)
+            else:
+                store.index.set_object(
+                    ino, State.REMOTE, prev[0], prev[1], node.mtime_ns, store.index.listing_gen
+                )
+        store.queued_bytes -= node.size
     else:
         store.index.set_state(ino, State.REMOTE)
     store.cached_bytes -= node.size
@@ -176,12 +273,15 @@ def dropped(store: Store, write: Write, ino: int, also: Change | None = None) ->
 
     def change() -> None:
         store.index.remove(ino)
+        store.index.unqueue_upload(ino)
         if also is not None:
             also()
 
     write(change)
     if node is not None and node.state in IN_CACHE:
         store.cached_bytes -= node.size
+    if node is not None and node.state == State.QUEUED:
+        store.queued_bytes -= node.size
     store.unlink_data(ino)
     w = store.writers.get(ino)
     if w is not None:
@@ -204,6 +304,10 @@ def orphaned(store: Store) -> None:
     to what S3 holds: nothing was ever uploaded for them."""
     for node in store.index.writing():
         if node.ino in store.writers or node.ino in store.starting:
+            continue
+        if store.index.queued_upload(node.ino) is not None:
+            # A write of a QUEUED file: data/<ino> still holds the queued version.
+            requeued(store, direct, node.ino, node.size)
             continue
         if node.etag is None:
             log.info("dropping %s: its write never completed", store.index.relpath(node.ino))

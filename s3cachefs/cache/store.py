@@ -52,6 +52,9 @@ class Limits:
     # Cold reads: objects above one part are fetched as parallel ranged GETs of this size.
     read_part_size: int = 8 * 1024 * 1024
     read_concurrency: int = 8
+    # Bytes of async uploads that may wait in the queue; past it, those files upload at close().
+    upload_queue_max: int = 1024**3
+    upload_concurrency: int = 4
 
 
 @dataclass(eq=False)
@@ -189,6 +192,13 @@ class Writer:
     # Another handle of the inode was open at some point during the write: its reads may have put
     # bytes of another version into the kernel's page cache, so the last release drops it.
     shared: bool = False
+    # The row was QUEUED when the write began, or a close of this write queued its upload: data/<ino>
+    # holds that version (of queued_size bytes), which is durable and acknowledged; a write that
+    # fails after it goes back to it. An async commit copies the staging file into data/ rather
+    # than moving it, so that later writes cannot change the queued bytes.
+    was_queued: bool = False
+    queued_size: int = 0
+    staging_is_data: bool = False  # a sync or local commit moved the staging file into data/
 
 
 class Store:
@@ -224,6 +234,7 @@ class Store:
         # -- the accounting (changed through states.py)
         self.cached_bytes = index.cached_bytes()
         self.pending_bytes = 0  # bytes of evicted files the reaper has yet to unlink
+        self.queued_bytes = index.queued_bytes()  # bytes of QUEUED rows (the queue's bound)
         self.stats: Counter[str] = Counter()
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

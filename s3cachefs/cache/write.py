@@ -29,6 +29,7 @@ from . import states
 from .download import Downloads, md5_update
 from .evict import Evictor
 from .policy import Policies
+from .queue import Queue
 from .space import Space
 from .store import Pipeline, Store, Writer, unlink_quiet
 
@@ -46,6 +47,7 @@ class Writes:
         space: Space,
         evictor: Evictor,
         downloads: Downloads,
+        queue: Queue,
         disk: trio.CapacityLimiter,
     ):
         self.store = store
@@ -55,6 +57,7 @@ class Writes:
         self.space = space
         self.evictor = evictor
         self.downloads = downloads
+        self.queue = queue
         self.disk = disk  # worker threads for local disk work (copies, hashes, fsync)
 
     # -- beginning a write --------------------------------------------------------------------------
@@ -108,6 +111,7 @@ class Writes:
                 (node.size, node.etag) if node.state in (State.REMOTE, State.CACHED) and node.etag else None
             )
             was_cached = node.state == State.CACHED
+            was_queued = node.state == State.QUEUED
             # A row made by create() a moment ago carries the create time the kernel already holds.
             mtime_ns = node.mtime_ns if node.state == State.WRITING else time.time_ns()
             states.writing(store, node.ino)
@@ -131,6 +135,8 @@ class Writes:
             was_cached=was_cached,
             mtime_ns=mtime_ns,
             shared=store.pins[node.ino] > 0,
+            was_queued=was_queued,
+            queued_size=node.size if was_queued else 0,
         )
         return w
 
@@ -165,7 +171,8 @@ class Writes:
         if pl is None:
             if nursery is None or w.seq_end < opts.multipart_threshold:
                 return
-            if self.policies.klass(self.index.relpath(w.ino)).local_only:
+            klass = self.policies.klass(self.index.relpath(w.ino))
+            if klass.local_only or klass.async_upload:
                 w.pipeline_off = True
                 return
             pl = w.pipeline = Pipeline(
@@ -201,34 +208,69 @@ class Writes:
             # fails here, with nothing done), so that S3 and the index cannot disagree.
             self.space.index_writable()
             rel = self.index.relpath(w.ino)
-            if self.policies.klass(rel).local_only:
+            klass = self.policies.klass(rel)
+            if klass.local_only:
                 await self._commit_local(w, generation)
                 return
-            if os.fstat(w.fd).st_size == 0:
+            size = os.fstat(w.fd).st_size
+            if size == 0:
                 # Never a 0-byte object in the bucket: an empty file lives in the cache only. If it
                 # replaced an object, that object is deleted now, before close() returns, so that a
                 # crash cannot bring the old bytes back. (Shells open, dup2 and close a file before
                 # the data arrives, `cmd > file`; the object is then written at the last close.)
                 await self._settle_empty(w, generation)
                 return
-            # Uploads read the file in worker threads; the size at this moment is what gets committed.
-            info = await self._finish_pipeline(w)
-            if info is None:
-                info = await self.s3.put_file(store.prefix + rel, w.path)
-            if w.unlinked:
-                # Unlinked while the upload ran: unlink waits for this lock, then deletes what S3
-                # holds under the name, which it learns from the row. A first upload must record
-                # that there is now an object, or the DELETE is skipped and the file comes back.
-                states.uploaded_meanwhile(store, w.ino, info.size, info.etag)
+            if klass.async_upload and self.queue.admits(size):
+                await self._commit_queued(w, generation)
                 return
-            assert self.index.get(w.ino) is not None, "a written file's row is only removed by unlink"
-            self.evictor.make_room(info.size)
-            w.path = store.place(w.path, w.ino)
-            states.cached(store, self.space.index_write, w.ino, info.size, info.etag, w.mtime_ns, info.md5)
+            # One S3 change of this key at a time (queue.KeyLocks): a queued DELETE of an older file
+            # at this name runs before this PUT or not at all.
+            async with self.queue.keys.hold(rel):
+                mark = self.index.last_delete_id()
+                # Uploads read the file in worker threads; the size at this moment is what gets committed.
+                info = await self._finish_pipeline(w)
+                if info is None:
+                    info = await self.s3.put_file(store.prefix + rel, w.path)
+                if w.unlinked:
+                    # Unlinked while the upload ran: the unlink queued a DELETE after this PUT (its
+                    # row is gone). Recorded for an unlink that reads the row after it, all the same.
+                    states.uploaded_meanwhile(store, w.ino, info.size, info.etag)
+                    return
+                assert self.index.get(w.ino) is not None, "a written file's row is only removed by unlink"
+                self.evictor.make_room(info.size)
+                w.path = store.place(w.path, w.ino)
+                w.staging_is_data, w.was_queued = True, False
+                states.cached(
+                    store, self.space.index_write, w.ino, info.size, info.etag, w.mtime_ns, info.md5, mark
+                )
             w.prev = (info.size, info.etag)
             self._committed(w, generation)
             store.stats["uploads"] += 1
             store.stats["uploaded_bytes"] += info.size
+
+    async def _commit_queued(self, w: Writer, generation: int) -> None:
+        """close() of an upload = "async" file: durable on the cache disk, its upload queued.
+
+        A copy, fsynced, renamed into data/, and its directory fsynced; then the row and the queue
+        entry in one durable commit (synchronous=FULL). A copy rather than the staging file itself,
+        so that writes after this close (through other handles) cannot change the queued bytes."""
+        store = self.store
+        tmp = store.tmp("queue", w.ino)
+        try:
+            md5 = await trio.to_thread.run_sync(_copy_durably, w.fd, tmp, limiter=self.disk)
+            if w.unlinked:
+                return
+            size = os.stat(tmp).st_size
+            self.evictor.make_room(size)
+            path = store.place(tmp, w.ino)
+        finally:
+            unlink_quiet(tmp)  # gone already once placed
+        await trio.to_thread.run_sync(_fsync_dir, os.path.dirname(path), limiter=self.disk)
+        states.queued(store, self.space.durable_write, w.ino, size, w.mtime_ns, md5)
+        w.was_queued, w.queued_size, w.staging_is_data = True, size, False
+        self._committed(w, generation)
+        store.stats["queued_uploads"] += 1
+        self.queue.wake()
 
     def _committed(self, w: Writer, generation: int) -> None:
         """The bytes of `generation` are committed. If the file was written meanwhile, what was
@@ -248,6 +290,7 @@ class Writes:
         size = os.fstat(w.fd).st_size
         self.evictor.make_room(size)
         w.path = self.store.place(w.path, w.ino)
+        w.staging_is_data, w.was_queued = True, False
         states.local(self.store, self.space.index_write, w.ino, size, w.mtime_ns, md5)
         self._committed(w, generation)
 
@@ -261,6 +304,7 @@ class Writes:
         if w.unlinked:
             return
         w.path = self.store.place(w.path, w.ino)
+        w.staging_is_data, w.was_queued = True, False
         states.local(self.store, self.space.index_write, w.ino, 0, w.mtime_ns, EMPTY_MD5)
         self._committed(w, generation)
 
@@ -390,11 +434,15 @@ class Writes:
         reverting = not w.unlinked and (w.dirty or not w.committed)
         del store.writers[w.ino]
         os.close(w.fd)
-        if not w.committed:
-            unlink_quiet(w.path)
+        if not w.staging_is_data:
+            unlink_quiet(w.path)  # never moved into data/ (not committed, or copied by an async commit)
         elif reverting:
             store.unlink_data(w.ino)  # committed once, then changed: not what S3 holds
         if not reverting:
+            return False
+        if w.was_queued and _has_size(store.data_path(w.ino), w.queued_size):
+            # The queued version is still in data/, acknowledged by a close: back to it.
+            states.requeued(store, self.space.index_write, w.ino, w.queued_size)
             return False
         # The upload failed (close() returned an error), or nothing was written: S3 still holds the
         # previous version (or nothing), so the index goes back to saying exactly that. Never
@@ -412,6 +460,24 @@ def _md5_update_path(md5: hashlib._Hash, path: str, start: int, end: int) -> Non
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         md5_update(md5, fd, start, end)
+    finally:
+        os.close(fd)
+
+
+def _copy_durably(src: int, dst: str) -> str:
+    """Copy the file behind fd `src` to a new file `dst`, fsync it, and return the copy's MD5."""
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _copy_fd(src, fd)
+        return _fsync_and_hash(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 

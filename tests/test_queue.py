@@ -1,0 +1,185 @@
+"""The upload and DELETE queues: thumbnails (upload = "async" paths) are acknowledged at close() once
+durable on the cache disk and sent in the background; unlink returns once its DELETE is queued. On a
+real mount, with S3 behind a fault proxy that fails only the requests a test names."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from .faultproxy import FaultProxy
+from .harness import MakeMount, Mount, S3Server, bucket_objects, mount_status, wait_until
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+THUMB = "local_thumbnails/ab/cd/efgh/32-32-image-png-crop"
+ORIGINAL = "local_content/ab/cd/efgh"
+# A failed PUT or DELETE fails fast (botocore retries a 503 a few times), so the uploader backs off.
+FAST = ["--max-attempts", "2", "--connect-timeout", "2", "--read-timeout", "3"]
+
+
+@pytest.fixture
+def proxy(s3server: S3Server) -> Iterator[FaultProxy]:
+    with FaultProxy(s3server.s3_port, seed=1) as p:
+        yield p
+
+
+def through(make_mount: MakeMount, proxy: FaultProxy, *args: str) -> Mount:
+    return make_mount(extra_args=["--endpoint-url", proxy.endpoint_url, *FAST, *args])
+
+
+def write(m: Mount, rel: str, data: bytes) -> None:
+    path = m.path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def queue_empty(m: Mount) -> bool:
+    s = mount_status(m)
+    return s["queued_uploads"] == 0 and s["queued_deletes"] == 0
+
+
+def test_a_thumbnail_close_returns_before_s3_has_it_and_the_uploader_sends_it(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    m = through(make_mount, proxy)
+    data = os.urandom(50_000)
+    with proxy.fault("http_503", only="PUT /" + m.bucket + "/local_thumbnails/"):
+        write(m, THUMB, data)  # returns: the PUT fails, but the close does not wait for it
+        assert (m.path / THUMB).read_bytes() == data
+        assert THUMB not in bucket_objects(s3, m.bucket)
+        s = mount_status(m)
+        assert s["queued_uploads"] == 1 and s["queued_upload_bytes"] == len(data)
+        assert proxy.counts().get("http_503:PUT", 0) >= 1, "the uploader tried, and S3 refused"
+    assert wait_until(lambda: bucket_objects(s3, m.bucket).get(THUMB) == data, 60)
+    assert wait_until(lambda: queue_empty(m), 10)
+
+
+def test_queued_uploads_survive_kill_9_and_are_sent_at_the_next_mount(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    m = through(make_mount, proxy)
+    thumbs = {
+        f"local_thumbnails/ab/cd/efgh/{i}-{i}-image-png-scale": os.urandom(20_000 + i) for i in range(5)
+    }
+    with proxy.fault("http_503", only="PUT /" + m.bucket + "/local_thumbnails/"):
+        for rel, data in thumbs.items():
+            write(m, rel, data)
+        m.kill()  # acknowledged, queued, not in S3: a crash now must not lose them
+    assert not any(rel in bucket_objects(s3, m.bucket) for rel in thumbs)
+    m.start()
+    assert wait_until(lambda: all(bucket_objects(s3, m.bucket).get(r) == d for r, d in thumbs.items()), 60)
+    for rel, data in thumbs.items():
+        assert (m.path / rel).read_bytes() == data
+
+
+def test_an_unlinked_or_rewritten_queued_file_leaves_the_bucket_with_the_namespace(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    m = through(make_mount, proxy)
+    gone, rewritten = THUMB, THUMB.replace("32-32", "64-64")
+    new = os.urandom(30_000)
+    with proxy.fault("http_503", only="PUT /" + m.bucket + "/local_thumbnails/"):
+        write(m, gone, os.urandom(10_000))
+        os.unlink(m.path / gone)
+        write(m, rewritten, os.urandom(10_000))
+        write(m, rewritten, new)  # a second version queued over the first
+    assert wait_until(lambda: queue_empty(m), 60)
+    assert bucket_objects(s3, m.bucket) == {rewritten: new}
+    m.unmount()
+    m.start()
+    assert not (m.path / gone).exists() and (m.path / rewritten).read_bytes() == new
+
+
+def test_unlink_returns_before_the_delete_and_no_listing_brings_the_name_back(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    m = through(make_mount, proxy)
+    write(m, ORIGINAL, b"original")  # a synchronous path: in S3 at close
+    assert bucket_objects(s3, m.bucket) == {ORIGINAL: b"original"}
+    with proxy.fault("http_503", only="DELETE "):
+        os.unlink(m.path / ORIGINAL)  # returns: the DELETE is queued, and fails for now
+        assert not (m.path / ORIGINAL).exists()
+        assert ORIGINAL in bucket_objects(s3, m.bucket)
+        m.kill()
+        m.start()  # the mount-time listing sees the object; its DELETE is still queued
+        assert wait_until(lambda: "listed " in m.log_text().rsplit("start:", 1)[-1], 30)
+        assert not (m.path / ORIGINAL).exists(), "a listing brought back a name whose DELETE is queued"
+        assert "efgh" not in os.listdir(m.path / "local_content/ab/cd")
+    assert wait_until(lambda: bucket_objects(s3, m.bucket) == {}, 60)
+    assert wait_until(lambda: queue_empty(m), 10)
+
+
+def test_an_older_queued_delete_never_removes_a_newer_file_at_the_same_name(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    m = through(make_mount, proxy)
+    write(m, ORIGINAL, b"first")
+    with proxy.fault("http_503", only="DELETE "):
+        os.unlink(m.path / ORIGINAL)
+        write(m, ORIGINAL, b"second")  # a synchronous PUT, after the DELETE was queued
+    assert wait_until(lambda: queue_empty(m), 60)
+    assert bucket_objects(s3, m.bucket) == {ORIGINAL: b"second"}
+    assert (m.path / ORIGINAL).read_bytes() == b"second"
+
+
+def test_past_the_queue_bound_thumbnails_upload_at_close(make_mount: MakeMount, s3: S3Client) -> None:
+    m = make_mount(extra_args=["--upload-queue-max", "0"])
+    write(m, THUMB, b"thumb")
+    assert bucket_objects(s3, m.bucket) == {THUMB: b"thumb"}, "in S3 the moment close() returned"
+
+
+def test_a_clean_stop_sends_what_is_queued(make_mount: MakeMount, proxy: FaultProxy, s3: S3Client) -> None:
+    m = through(make_mount, proxy)
+    proxy.set_mode("http_503", only="PUT /" + m.bucket + "/local_thumbnails/")
+    write(m, THUMB, b"thumb")
+    proxy.set_mode("pass")
+    m.unmount()  # the stop drains the queue before the daemon exits
+    assert bucket_objects(s3, m.bucket) == {THUMB: b"thumb"}
+
+
+def test_an_async_close_syncs_the_data_file_its_directory_and_the_queue_commit(
+    make_mount: MakeMount, tmp_path: Path
+) -> None:
+    # The queued version is all there is until the upload: close() may return only once the bytes,
+    # their name in data/ and the index row that queues them would survive a power loss. Traced with
+    # strace on the running daemon: fsync of the copy, of its data/XX directory, and of the index's
+    # WAL (synchronous=FULL for this commit; the default NORMAL does not sync the WAL at commit).
+    m = make_mount(extra_args=["--upload-queue-max", "1G"])
+    (m.path / THUMB).parent.mkdir(parents=True)
+    assert m.proc is not None
+    trace = tmp_path / "strace.out"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace), "-p", str(m.proc.pid)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # strace writes nothing until a traced call: wait until it has attached to the threads.
+        assert wait_until(lambda: _attached(m.proc.pid if m.proc else 0), 10)
+        write(m, THUMB, os.urandom(4096))
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+    calls = trace.read_text()
+    cache = re.escape(str(m.cache_dir))
+    assert re.search(rf"fsync\(\d+<{cache}/(tmp/queue-|data/)[^>]*>\)", calls), calls
+    assert re.search(rf"fsync\(\d+<{cache}/data/[0-9a-f]{{2}}>\)", calls), calls
+    assert re.search(rf"f(data)?sync\(\d+<{cache}/index\.sqlite-wal>\)", calls), calls
+
+
+def _attached(pid: int) -> bool:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1]) != 0
+    except OSError:
+        pass
+    return False
