@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -125,14 +126,94 @@ def _check_mountpoint(path: Path) -> os.stat_result:
     return st
 
 
-@contextlib.contextmanager
-def _locked_cache_dir(path: Path) -> Iterator[Callable[[], None]]:
+# What the daemon (root, as a rule) opens or creates by name inside the cache directory: a symlink
+# or a hard link there would turn its writes onto any file of the system. Only the entries whose
+# names are fixed are checked; the files inside data/ and tmp/ are made with O_EXCL (a planted
+# name makes that open fail) or renamed into place (which replaces a link, never follows it).
+_CACHE_SUBDIRS = ("data", "tmp", "trash")
+# reserve: the space kept for the index on a full disk (cache/space.py).
+_CACHE_FILES = ("index.sqlite", "index.sqlite-journal", "index.sqlite-wal", "index.sqlite-shm", "reserve")
+
+
+def _unsafe_dir(st: os.stat_result) -> str | None:
+    """Why a directory (lstat'ed) must not be used for the cache, or None. Only checked, never
+    chmodded: whoever else can write there could already have planted anything in it."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link; give the real directory"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by uid {os.geteuid()} that runs s3cachefs"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); chmod go-w it"
+    return None
+
+
+def _check_cache_dir(path: Path) -> None:
+    """Create the cache directory if it is missing, then refuse it unless it is a real directory of
+    ours that nobody else can write to, with no symlink in place of what the cache opens by name."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
-        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The last component made here, 0700, or left as it is when it exists and judged by lstat
+        # below: Path.mkdir(exist_ok=True) would quietly take a symlink to a directory for one.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        st = os.lstat(path)
     except OSError as e:
         raise ConfigError(f"cache dir {path}: {e.strerror}") from None
+    if (why := _unsafe_dir(st)) is not None:
+        raise ConfigError(f"cache dir {path}: {why}")
+    for name in _CACHE_SUBDIRS:
+        try:
+            st = os.lstat(path / name)
+        except FileNotFoundError:
+            continue  # the cache makes it
+        except OSError as e:
+            raise ConfigError(f"cache dir {path}: {name}/: {e.strerror}") from None
+        if (why := _unsafe_dir(st)) is not None:
+            raise ConfigError(f"cache dir {path}: {name}/ {why}")
+    try:
+        # data/XX: the cache renames downloaded files into them.
+        links = sorted(e.name for e in os.scandir(path / "data") if e.is_symlink())
+    except FileNotFoundError:
+        links = []
+    except OSError as e:
+        raise ConfigError(f"cache dir {path}: data/: {e.strerror}") from None
+    if links:
+        raise ConfigError(f"cache dir {path}: data/{links[0]} is a symbolic link; refusing to follow it")
+    for name in _CACHE_FILES:
+        try:
+            st = os.lstat(path / name)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise ConfigError(f"cache dir {path}: {name}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            raise ConfigError(f"cache dir {path}: {name} is not a regular file of ours with one link")
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened without following a symlink and then checked on the open file itself
+    (fstat), so nothing can be swapped in between the check and the use."""
+    lock = path / "lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"cache dir {path}: lock is a symbolic link; refusing to follow it") from None
+        raise ConfigError(f"cache dir {path}: lock: {e.strerror}") from None
+    st = os.fstat(fd)
+    # A hard link would let us truncate another file of ours (root's: any file) when we write our pid.
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ConfigError(f"cache dir {path}: lock is not a regular file of ours with one link")
+    return fd
+
+
+@contextlib.contextmanager
+def _locked_cache_dir(path: Path) -> Iterator[Callable[[], None]]:
+    _check_cache_dir(path)
+    fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

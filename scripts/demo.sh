@@ -6,20 +6,25 @@
 #   scripts/demo.sh objects    # list the objects in the bucket (to watch the write-through)
 #   scripts/demo.sh stop       # unmount and stop SeaweedFS (the data stays in the demo directory)
 #
-# Environment: S3CACHEFS_DEMO_DIR (default /tmp/s3cachefs-demo), S3CACHEFS_VENV (default ./.venv).
+# Environment: S3CACHEFS_DEMO_DIR (default: a new /tmp/s3cachefs-demo.XXXXXXXX, made once and kept
+# for later runs), S3CACHEFS_VENV (default ./.venv).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${S3CACHEFS_VENV:-$REPO/.venv}
-DEMO=${S3CACHEFS_DEMO_DIR:-/tmp/s3cachefs-demo}
-DEMO=$(mkdir -p "$DEMO" && cd "$DEMO" && pwd -P)
-MNT=$DEMO/mnt
 BUCKET=media
 ENDPOINT=http://127.0.0.1:8333
-WEED_PID=$DEMO/weed.pid
-WEED_LOG=$DEMO/weed.log
-FS_PID=$DEMO/s3cachefs.pid
-FS_LOG=$DEMO/s3cachefs.log
+
+# Where the path of the default demo directory is kept, so that `stop` and the next start find it.
+# Only we can write there (/run is root's; XDG_RUNTIME_DIR is the user's own, 0700).
+if [ "$(id -u)" = 0 ]; then
+    STATE_DIR=/run/s3cachefs-demo
+elif [ -n "${XDG_RUNTIME_DIR:-}" ]; then
+    STATE_DIR=$XDG_RUNTIME_DIR/s3cachefs-demo
+else
+    STATE_DIR=${XDG_STATE_HOME:-$HOME/.local/state}/s3cachefs-demo
+fi
+STATE=$STATE_DIR/dir
 
 # SeaweedFS's default ports, given explicitly. `weed mini` quietly moves to another port when one is
 # taken, which would leave the endpoint above pointing at somebody else, so they are checked first.
@@ -35,6 +40,71 @@ unset AWS_PROFILE AWS_SESSION_TOKEN AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3
 
 say() { printf 'demo.sh: %s\n' "$*"; }
 die() { printf 'demo.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# unsafe_dir DIR (which exists): why we must not work in DIR, or nothing if it is ours alone.
+unsafe_dir() {
+    local owner mode
+    if [ -L "$1" ]; then echo "is a symbolic link"; return; fi
+    if [ ! -d "$1" ]; then echo "is not a directory"; return; fi
+    read -r owner mode < <(stat -c '%u %a' -- "$1")
+    if [ "$owner" != "$(id -u)" ]; then echo "is owned by uid $owner, not by you (uid $(id -u))"; return; fi
+    if ((8#$mode & 8#022)); then echo "is writable by group or others (mode $mode)"; fi
+}
+
+# demo_dir create|find: set DEMO and the paths in it. We run as root, so never in a directory that
+# somebody else could have made or can write to: a fixed name under /tmp could be made first by any
+# local user, with symlinks in it (cache -> /etc) that we would follow. Without S3CACHEFS_DEMO_DIR,
+# `create` makes a fresh one with mktemp (0700) and records it in $STATE; `find` only looks it up
+# and fails when there is none.
+demo_dir() {
+    local why
+    if [ -n "${S3CACHEFS_DEMO_DIR:-}" ]; then
+        DEMO=$S3CACHEFS_DEMO_DIR
+        if [ -e "$DEMO" ] || [ -L "$DEMO" ]; then
+            why=$(unsafe_dir "$DEMO")
+            [ -z "$why" ] || die "S3CACHEFS_DEMO_DIR=$DEMO $why; give a directory that is yours alone"
+        elif [ "$1" = create ]; then
+            mkdir -p -- "$(dirname -- "$DEMO")"
+            # Not -p: if somebody makes it between the test above and here, this fails.
+            mkdir -m 0700 -- "$DEMO"
+        else
+            die "S3CACHEFS_DEMO_DIR=$DEMO does not exist"
+        fi
+    else
+        DEMO=""
+        if [ -f "$STATE" ]; then DEMO=$(cat "$STATE"); fi
+        if [ -n "$DEMO" ] && { [ -e "$DEMO" ] || [ -L "$DEMO" ]; }; then
+            # A directory of an earlier run, unless (say) a /tmp cleaner removed it and another user
+            # made one of the same name.
+            why=$(unsafe_dir "$DEMO")
+            [ -z "$why" ] || die "the demo directory $DEMO (recorded in $STATE) $why; delete $STATE to start afresh"
+        elif [ "$1" = create ]; then
+            mkdir -p -m 0700 "$STATE_DIR"
+            # /tmp itself, not $TMPDIR: a parent that another user owns could swap our directory.
+            DEMO=$(mktemp -d /tmp/s3cachefs-demo.XXXXXXXX)
+            printf '%s\n' "$DEMO" >"$STATE"
+            say "demo directory: $DEMO (recorded in $STATE)"
+        else
+            return 1
+        fi
+    fi
+    DEMO=$(cd "$DEMO" && pwd -P)
+    MNT=$DEMO/mnt
+    WEED_PID=$DEMO/weed.pid
+    WEED_LOG=$DEMO/weed.log
+    FS_PID=$DEMO/s3cachefs.pid
+    FS_LOG=$DEMO/s3cachefs.log
+}
+
+# For `stop` and `objects`: the demo directory, or the reason there is none.
+no_demo() {
+    local msg="no demo directory recorded in $STATE"
+    if [ -d /tmp/s3cachefs-demo ]; then
+        # Made by an older demo.sh, which used that fixed name.
+        msg="$msg (for the demo in /tmp/s3cachefs-demo of an older demo.sh, run: sudo S3CACHEFS_DEMO_DIR=/tmp/s3cachefs-demo bash $REPO/scripts/demo.sh ${1:-stop})"
+    fi
+    echo "$msg"
+}
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 mounted() { awk -v m="$MNT" '$2 == m { found = 1 } END { exit !found }' /proc/mounts; }
@@ -103,11 +173,16 @@ unmount_fs() {
 }
 
 stop() {
+    if ! demo_dir find; then
+        say "$(no_demo stop): nothing to stop"
+        return 0
+    fi
     unmount_fs
     stop_weed
 }
 
 objects() {
+    demo_dir find || die "the demo is not running: $(no_demo objects)"
     alive "$WEED_PID" || die "the demo is not running (start it with scripts/demo.sh)"
     "$VENV/bin/python" - "$ENDPOINT" "$BUCKET" <<'EOF'
 import sys
@@ -134,6 +209,7 @@ s3cachefs is mounted: bucket "$BUCKET" on SeaweedFS at $ENDPOINT -> $MNT
     $REPO/scripts/demo.sh objects        # what is in the bucket now
 
   Look around:
+    demo:   $DEMO
     cache:  $DEMO/cache   (capped at 1G)
     logs:   $FS_LOG  $WEED_LOG
 
@@ -143,6 +219,7 @@ EOF
 }
 
 start() {
+    demo_dir create  # before installing anything: a refused directory should cost nothing
     bash "$REPO/scripts/install.sh"
     command -v fusermount3 >/dev/null 2>&1 || die "fusermount3 not found (apt-get install fuse3)"
     [ -e /dev/fuse ] || die "/dev/fuse does not exist: this machine (or container) cannot mount FUSE filesystems"
@@ -237,6 +314,6 @@ case "${1:-start}" in
     start) start ;;
     stop) stop ;;
     objects | ls) objects ;;
-    -h | --help | help) sed -n "2,9p" "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
+    -h | --help | help) sed -n "2,10p" "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' ;;
     *) die "unknown command '$1' (use: start, stop, objects)" ;;
 esac

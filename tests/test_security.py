@@ -24,7 +24,16 @@ from s3cachefs.index import ROOT_INO, Index
 from s3cachefs.namespace import Namespace
 from s3cachefs.s3 import S3, ObjectInfo
 
-from .harness import MakeMount, Mount, S3Server, TcpForwarder, bucket_objects, files_under, mount_status
+from .harness import (
+    HarnessError,
+    MakeMount,
+    Mount,
+    S3Server,
+    TcpForwarder,
+    bucket_objects,
+    files_under,
+    mount_status,
+)
 from .test_mount import FAST_FAIL, s3_paused, store_like_synapse
 
 if TYPE_CHECKING:
@@ -289,3 +298,102 @@ def test_status_of_a_mount_point_reads_the_mounts_own_cache_not_an_index_file_fr
     m = make_mount(bucket=bucket)
     assert (m.path / "index.sqlite").is_file(), "the bucket's file is visible in the mount"
     assert mount_status(m)["cache_dir"] == str(m.cache_dir)
+
+
+# -- the cache directory ------------------------------------------------------------------------------
+# The daemon runs as root and writes into its cache directory by fixed names; whoever can prepare that
+# directory must not be able to point those writes elsewhere (issue "consistency", finding 5).
+
+
+def _refused_at_start(m: Mount) -> str:
+    """Start m, which must exit 2 before mounting; returns its one error line."""
+    with pytest.raises(HarnessError):
+        m.start()
+    assert m.returncode == 2, m.log_text()
+    assert not m.is_mounted()
+    errors = [line for line in m.log_text().splitlines() if line.startswith("s3cachefs: error:")]
+    assert len(errors) == 1 and "Traceback" not in m.log_text(), m.log_text()
+    return errors[0]
+
+
+def test_a_lock_symlink_in_the_cache_dir_is_refused_and_its_target_left_alone(
+    make_mount: MakeMount, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    target = tmp_path / "precious"
+    target.write_bytes(b"not the daemon's to truncate\n")
+    (cache / "lock").symlink_to(target)
+    line = _refused_at_start(make_mount(cache_dir=cache, start=False))
+    assert f"cache dir {cache}: lock is a symbolic link" in line
+    assert target.read_bytes() == b"not the daemon's to truncate\n"
+
+
+def test_a_cache_dir_that_is_a_symlink_is_refused(make_mount: MakeMount, tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "cache"
+    link.symlink_to(real)
+    m = make_mount(start=False)
+    m.cache_dir = link  # Mount resolves the path it is given; the daemon must get the link itself
+    assert f"cache dir {link}: is a symbolic link" in _refused_at_start(m)
+    assert list(real.iterdir()) == [], "nothing was made behind the link"
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707], ids=["group-writable", "world-writable"])
+def test_a_cache_dir_others_can_write_to_is_refused_and_not_chmodded(
+    make_mount: MakeMount, tmp_path: Path, mode: int
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(mode)
+    line = _refused_at_start(make_mount(cache_dir=cache, start=False))
+    assert f"cache dir {cache}: is writable by group or others (mode {mode:o})" in line
+    assert stat.S_IMODE(cache.stat().st_mode) == mode
+    assert list(cache.iterdir()) == []
+
+
+def test_a_cache_dir_owned_by_another_user_is_refused(make_mount: MakeMount, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    os.chown(cache, 65534, 65534)
+    line = _refused_at_start(make_mount(cache_dir=cache, start=False))
+    assert f"cache dir {cache}: is owned by uid 65534, not by uid {os.geteuid()}" in line
+    assert list(cache.iterdir()) == []
+    assert (cache.stat().st_uid, stat.S_IMODE(cache.stat().st_mode)) == (65534, 0o700)
+
+
+def test_a_cache_subdirectory_that_is_a_symlink_is_refused(make_mount: MakeMount, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (cache / "data").symlink_to(elsewhere)
+    assert f"cache dir {cache}: data/ is a symbolic link" in _refused_at_start(
+        make_mount(cache_dir=cache, start=False)
+    )
+    assert list(elsewhere.iterdir()) == [], "no data/XX directories were made behind the link"
+
+
+def test_a_cache_dir_made_by_the_daemon_is_private_and_a_checked_one_is_reused(
+    make_mount: MakeMount, tmp_path: Path
+) -> None:
+    cache = tmp_path / "new" / "cache"  # neither exists yet
+    m = make_mount(cache_dir=cache)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    m.unmount()
+    m.start()  # the directory, its lock and its subdirectories made by the first run pass the checks
+    assert m.is_mounted()
+
+
+def test_a_lock_hard_linked_to_another_file_is_refused_and_that_file_left_alone(
+    make_mount: MakeMount, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    target = tmp_path / "precious"
+    target.write_bytes(b"not the daemon's to truncate\n")
+    os.link(target, cache / "lock")  # O_NOFOLLOW does not see a hard link; the link count does
+    line = _refused_at_start(make_mount(cache_dir=cache, start=False))
+    assert f"cache dir {cache}: lock is not a regular file of ours with one link" in line
+    assert target.read_bytes() == b"not the daemon's to truncate\n"
