@@ -67,13 +67,13 @@ _MiB = 1024 * 1024
 # One S3 operation may take s3_deadline plus this per MiB it moves: 1 MiB/s is slower than any link a
 # media store should sit on, so only a hung or unreachable S3 misses it.
 DEADLINE_PER_MIB = 1.0
-# While the circuit is open, the probe (S3.run) asks S3 this often, each time for at most PROBE_DEADLINE.
-PROBE_EVERY = 1.5
+# While the circuit is open, the probe (S3.run) asks S3 this often, each time for at most
+# PROBE_DEADLINE: S3 coming back is noticed within about a second, for one small LIST a second.
+PROBE_EVERY = 1.0
 PROBE_DEADLINE = 3.0
 # Without the probe, the first call this long after the circuit opened (or after the last trial
-# failed) is let through as a trial. Longer than PROBE_EVERY: while S3 is still down, each trial
-# costs the caller who makes it a whole deadline.
-HALF_OPEN_AFTER = 5.0
+# failed) is let through as a trial; while S3 is still hung, that caller waits a whole deadline.
+HALF_OPEN_AFTER = PROBE_EVERY
 
 
 class S3Error(Exception):
