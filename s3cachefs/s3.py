@@ -101,7 +101,8 @@ class Unreachable(Unavailable):
 
 
 class DeadlineMissed(Unavailable):
-    """S3 did not finish the operation within its deadline (s3_deadline): opens the circuit."""
+    """The operation did not finish within its deadline (s3_deadline): S3 did not answer in time
+    (which opens the circuit), or no worker thread came free in time (which does not)."""
 
 
 class CircuitOpen(Unavailable):
@@ -180,7 +181,7 @@ def _info(key: str, head: HeadObjectOutputTypeDef) -> ObjectInfo:
     return ObjectInfo(key, int(head["ContentLength"]), head.get("ETag", ""), _mtime_ns(dict(head)))
 
 
-def answered(e: BaseException) -> bool:
+def s3_answered(e: BaseException) -> bool:
     """Did S3 itself answer with this error (an HTTP response), rather than not answer at all?"""
     seen: set[int] = set()
     cur: BaseException | None = e
@@ -683,27 +684,41 @@ class S3:
         outside (unmount, a failed sibling part), the caller still waits for the thread, at most
         until the deadline, so no thread outlives a caller that believes it is done (a part upload
         after its abort, a write into a closed fd). At the deadline the thread is abandoned: it keeps
-        its limiter slot until boto3 gives up, which is why the circuit opens.
+        its limiter slot until boto3 gives up, which is why the circuit opens. A call that missed
+        its deadline still waiting for a slot says nothing about S3 (every slot may be busy with
+        large transfers), so that one fails without opening the circuit.
         """
         trial = self.breaker.admit(what)
         # Counted here, in the event loop, per logical call sent (botocore's retries are not counted).
         self.calls[what.split(" ", 1)[0]] += 1
         dl = deadline if deadline is not None else self.deadline(nbytes, until)
+        sent = False  # set by the worker thread as it starts the call
+
+        def call() -> T:
+            nonlocal sent
+            sent = True
+            return self.sync.call(what, fn)
+
         try:
             with trio.CancelScope(shield=True, deadline=dl.at) as scope:
                 dl.scope = scope
-                result = await trio.to_thread.run_sync(
-                    self.sync.call, what, fn, limiter=self.limiter, abandon_on_cancel=True
-                )
+                result = await trio.to_thread.run_sync(call, limiter=self.limiter, abandon_on_cancel=True)
             if scope.cancelled_caught:
-                raise DeadlineMissed(
-                    f"{what}: no answer from S3 within {dl.at - dl.start:.1f} s (s3_deadline)"
-                )
-        except (Unreachable, DeadlineMissed) as e:
+                took = dl.at - dl.start
+                if not sent:
+                    raise DeadlineMissed(
+                        f"{what}: no S3 worker thread free within {took:.1f} s (s3_deadline)"
+                    )
+                raise DeadlineMissed(f"{what}: no answer from S3 within {took:.1f} s (s3_deadline)")
+        except DeadlineMissed as e:
+            if sent:
+                self.breaker.unreachable(str(e))
+            raise
+        except Unreachable as e:
             self.breaker.unreachable(str(e))
             raise
         except S3Error as e:
-            if answered(e):
+            if s3_answered(e):
                 self.breaker.answered(what)
             raise
         finally:

@@ -181,6 +181,25 @@ def test_without_the_probe_a_half_open_trial_closes_the_circuit_after_s3_is_back
     trio.run(scenario)
 
 
+def test_a_call_that_waited_past_its_deadline_for_a_worker_thread_fails_but_leaves_the_circuit_closed() -> (
+    None
+):
+    """Every worker busy (large transfers, say) is no sign that S3 is down."""
+    # Never contacted: the call cannot get a thread.
+    opts = S3Options(bucket="media", endpoint_url="http://127.0.0.1:9", region_name=TEST_REGION, deadline=0.5)
+
+    async def scenario() -> None:
+        limiter = trio.CapacityLimiter(1)
+        s3 = S3(opts, limiter)
+        async with limiter:  # the only worker slot is taken
+            err, took = await timed(lambda: s3.head("x"))
+        assert isinstance(err, DeadlineMissed) and "worker thread" in str(err), err
+        assert took < opts.deadline + MARGIN
+        assert not s3.breaker.is_open
+
+    trio.run(scenario)
+
+
 def test_no_part_of_a_multipart_upload_may_outlive_the_upload_deadline(
     own_s3server: S3Server, tmp_path: Path
 ) -> None:
