@@ -106,6 +106,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--max-attempts", dest="max_attempts", type=int, help="attempts per S3 request (default 4)"
     )
     m.add_argument(
+        "--s3-deadline",
+        dest="s3_deadline",
+        help="longest an S3 operation may take, retries included, plus 1 s per MiB it moves "
+        "(default 10s); then it fails with EIO and S3 calls fail at once until S3 answers again",
+    )
+    m.add_argument(
         "--read-ahead",
         dest="read_ahead",
         help="kernel read-ahead of the mount (default 1M; 0: kernel default)",

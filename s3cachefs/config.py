@@ -162,6 +162,10 @@ class S3Options:
     read_timeout: float = 30.0
     # Total attempts per request, first try included (botocore "standard" retry mode).
     max_attempts: int = 4
+    # s3_deadline: seconds one S3 operation of the mount may take, retries included, plus
+    # s3.DEADLINE_PER_MIB per MiB it moves. Bounds a close() when S3 hangs, whatever the timeouts and
+    # attempts above allow; a miss opens the circuit breaker (s3.Breaker).
+    deadline: float = 10.0
     # PEM file of CA certificates for an endpoint with a private CA; TLS is always verified.
     ca_bundle: str | None = None
     # Cold reads of objects above one part use parallel ranged GETs of this size.
@@ -283,6 +287,7 @@ MOUNT_FILE_KEYS = (
     "upload_queue_max",
     "listing",
     "read_ahead",
+    "s3_deadline",
     "allow_other",
     "uid",
     "gid",
@@ -448,6 +453,9 @@ def build_config(values: Mapping[str, Any]) -> Config:
         secs = _seconds(values, name, positive=True)
         if secs is not None:
             s3_kwargs[name] = secs
+    deadline = _seconds(values, "s3_deadline", positive=True)
+    if deadline is not None:
+        s3_kwargs["deadline"] = deadline
     for name in ("multipart_threshold", "multipart_chunksize", "read_part_size"):
         if values.get(name) is not None:
             s3_kwargs[name] = parse_size(values[name], name)

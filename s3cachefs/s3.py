@@ -8,6 +8,14 @@ state (boto3 clients are thread-safe). Retries and timeouts are
 botocore's ("standard" mode, bounded attempts, connect/read timeouts), so a dead endpoint turns into
 `Unavailable` after a bounded time instead of hanging a FUSE request forever.
 
+That bound is not enough on its own: Synapse closes files on its one reactor thread, and with the
+defaults a hung S3 held each close() for 30 to 120 s (four attempts of a 30 s read timeout). So every
+call of the mount's `S3` also has a deadline (s3_deadline, 10 s, plus DEADLINE_PER_MIB per MiB it
+moves), whatever the timeouts and retries say; see S3._run for where it applies. A call that misses it
+raises `DeadlineMissed` (an Unavailable) and its worker thread is abandoned, still holding its
+limiter slot until boto3 gives up; and a `Breaker` then fails every call at once until S3 answers
+again, so that abandoned threads cannot pile up and fill the limiter.
+
 Integrity: every PUT and every multipart part carries Content-MD5, so the server rejects a body that
 was damaged on the way; every GET is checked against the object's length and, where the ETag is a
 plain MD5 (single-part, no SSE-C), against its MD5 before the caller may treat it as complete.
@@ -20,11 +28,13 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, BinaryIO, ParamSpec, TypeVar
 
 import boto3
@@ -53,6 +63,17 @@ _FIRST_CHUNK = 64 * 1024
 _MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 # The most parts S3 accepts in one multipart upload.
 MAX_PARTS = 10_000
+_MiB = 1024 * 1024
+# One S3 operation may take s3_deadline plus this per MiB it moves: 1 MiB/s is slower than any link a
+# media store should sit on, so only a hung or unreachable S3 misses it.
+DEADLINE_PER_MIB = 1.0
+# While the circuit is open, the probe (S3.run) asks S3 this often, each time for at most
+# PROBE_DEADLINE: S3 coming back is noticed within about a second, for one small LIST a second.
+PROBE_EVERY = 1.0
+PROBE_DEADLINE = 3.0
+# Without the probe, the first call this long after the circuit opened (or after the last trial
+# failed) is let through as a trial; while S3 is still hung, that caller waits a whole deadline.
+HALF_OPEN_AFTER = PROBE_EVERY
 
 
 class S3Error(Exception):
@@ -73,6 +94,19 @@ class AccessDenied(S3Error):
 
 class Unavailable(S3Error):
     """Could not reach S3, or it kept failing (timeouts, refused connections, 5xx) after retries."""
+
+
+class Unreachable(Unavailable):
+    """No connection to S3 could be made (refused, connect timeout, DNS): opens the circuit."""
+
+
+class DeadlineMissed(Unavailable):
+    """The operation did not finish within its deadline (s3_deadline): S3 did not answer in time
+    (which opens the circuit), or no worker thread came free in time (which does not)."""
+
+
+class CircuitOpen(Unavailable):
+    """Not sent: S3 stopped answering a moment ago and has not answered since (see Breaker)."""
 
 
 class LocalWriteError(S3Error):
@@ -127,6 +161,10 @@ def translate_error(e: Exception, what: str) -> S3Error:
         return S3Error(msg)
     if isinstance(e, botocore.exceptions.NoCredentialsError):
         return AccessDenied(f"{what}: no credentials found (config file or AWS_* environment)")
+    if isinstance(e, botocore.exceptions.ConnectionError):
+        # Refused, connect timeout, DNS failure, proxy unreachable (botocore's ConnectionError is
+        # the parent of EndpointConnectionError and ConnectTimeoutError): no request reached S3.
+        return Unreachable(f"{what}: {e}")
     if isinstance(e, botocore.exceptions.BotoCoreError | OSError):
         # Connection refused, DNS failure, connect/read timeouts, connection reset: after botocore's
         # own retries these all mean "S3 is not reachable right now".
@@ -141,6 +179,18 @@ def _mtime_ns(obj: dict[str, Any]) -> int:
 
 def _info(key: str, head: HeadObjectOutputTypeDef) -> ObjectInfo:
     return ObjectInfo(key, int(head["ContentLength"]), head.get("ETag", ""), _mtime_ns(dict(head)))
+
+
+def s3_answered(e: BaseException) -> bool:
+    """Did S3 itself answer with this error (an HTTP response), rather than not answer at all?"""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, botocore.exceptions.ClientError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__
+    return False
 
 
 @contextlib.contextmanager
@@ -437,20 +487,28 @@ class MultipartUpload:
     Parts may be uploaded in any order and in parallel (at most 4 at a time per upload, so one large
     file cannot take every worker thread, and with 8 MiB parts it holds at most 32 MiB of memory).
     Until complete() the object does not exist; abort() makes sure it never will.
+
+    Each call has its own deadline (S3._run); `until`, when given, is the deadline of the whole upload
+    that no call may pass (S3.put_file sets it; the pipeline that uploads parts while the file is
+    still being written has none, since its end depends on the writer).
     """
 
     PARALLEL_PARTS = 4
 
-    def __init__(self, s3: S3, key: str):
+    def __init__(self, s3: S3, key: str, until: float = math.inf):
         self.s3 = s3
         self.key = key
+        self.until = until
         self.upload_id: str | None = None
         self.parts: dict[int, Part] = {}
+        self.nbytes = 0  # of the parts uploaded: CompleteMultipartUpload takes longer for more
         self._limiter = trio.CapacityLimiter(self.PARALLEL_PARTS)
 
     async def start(self) -> None:
         self.upload_id = await self.s3._run(
-            f"CreateMultipartUpload {self.key}", functools.partial(self.s3.sync.create_multipart, self.key)
+            f"CreateMultipartUpload {self.key}",
+            functools.partial(self.s3.sync.create_multipart, self.key),
+            until=self.until,
         )
 
     async def upload_part(self, number: int, path: str, offset: int, length: int) -> None:
@@ -469,7 +527,10 @@ class MultipartUpload:
 
         async with self._limiter:
             # Stored here, in the event loop: the worker threads share nothing.
-            self.parts[number] = await s3._run(f"UploadPart {self.key} #{number}", send)
+            self.parts[number] = await s3._run(
+                f"UploadPart {self.key} #{number}", send, length, until=self.until
+            )
+            self.nbytes += length
 
     async def complete(self) -> str:
         upload_id = self.upload_id
@@ -479,20 +540,116 @@ class MultipartUpload:
             functools.partial(
                 self.s3.sync.complete_multipart, self.key, upload_id, list(self.parts.values())
             ),
+            self.nbytes,
+            until=self.until,
         )
 
     async def abort(self) -> None:
         if self.upload_id is None:
             return
+        # Not bounded by `until`: the upload may have failed for another reason with S3 up, and then
+        # its parts should go. When S3 is what failed, the circuit is open and this fails at once.
         with trio.CancelScope(shield=True):
-            await self.s3._run(
-                f"AbortMultipartUpload {self.key}",
-                functools.partial(self.s3.sync.abort_multipart, self.key, self.upload_id),
-            )
+            try:
+                await self.s3._run(
+                    f"AbortMultipartUpload {self.key}",
+                    functools.partial(self.s3.sync.abort_multipart, self.key, self.upload_id),
+                )
+            except S3Error as e:
+                # As in SyncS3.abort_multipart: the error on its way out is what the caller must see.
+                # (tests/test_faults.py reads this line from the mount's log: keep the wording.)
+                log.warning("could not abort multipart upload of %s: %s", self.key, e)
+
+
+class Breaker:
+    """The circuit breaker in front of S3, so that a hung or unreachable S3 costs one caller a
+    deadline and every other caller nothing, and abandoned worker threads cannot fill the limiter.
+
+    closed    every call goes to S3.
+    open      entered when a call misses its deadline or cannot connect (refused, connect timeout).
+              Every call fails at once with CircuitOpen, before it takes a worker thread. Left when
+              S3 answers anything (an error response too: this guards against silence, not errors):
+              - the probe, S3.run, asks it every PROBE_EVERY s from a thread and client of its own;
+              - without the probe (not started by the composition root), the first call
+                HALF_OPEN_AFTER s after the circuit opened or the last trial failed goes to S3 as
+                the trial (half-open; the others keep failing at once), and its outcome decides.
+              A call that was already on its way when the circuit opened and then gets an answer
+              closes it as well.
+    Event loop only (no locks); logs once when the circuit opens and once when it closes.
+    """
+
+    def __init__(self) -> None:
+        self.is_open = False
+        self.probing = False  # S3.run is running
+        self.opened_at = 0.0
+        self.reason = ""
+        self._next_trial = 0.0
+        self._trial = False
+        self._opened = trio.Event()
+
+    def admit(self, what: str) -> bool:
+        """Raise CircuitOpen if the call must not go to S3; True if it goes as the half-open trial."""
+        if not self.is_open:
+            return False
+        if not self.probing and not self._trial and trio.current_time() >= self._next_trial:
+            self._trial = True
+            return True
+        raise CircuitOpen(f"{what}: S3 unreachable; circuit open ({self.reason})")
+
+    def trial_done(self) -> None:
+        self._trial = False
+
+    def unreachable(self, reason: str) -> None:
+        now = trio.current_time()
+        self._next_trial = now + HALF_OPEN_AFTER
+        if self.is_open:
+            return
+        self.is_open = True
+        self.opened_at = now
+        self.reason = reason
+        self._opened.set()
+        log.warning("S3 unreachable (%s): circuit open, S3 calls fail at once until it answers", reason)
+
+    def answered(self, by: str) -> None:
+        if not self.is_open:
+            return
+        self.is_open = False
+        self._opened = trio.Event()
+        log.warning(
+            "S3 answers again (%s): circuit closed after %.1f s", by, trio.current_time() - self.opened_at
+        )
+
+    async def wait_open(self) -> None:
+        while not self.is_open:
+            await self._opened.wait()
+
+
+@dataclass
+class _Deadline:
+    """When one S3 call must be over, on trio's clock: s3_deadline after it started plus
+    DEADLINE_PER_MIB per MiB it moves, never later than `until` (the deadline of the operation it is
+    part of). A GET learns its size from the response: moves() extends the deadline then."""
+
+    start: float
+    base: float
+    until: float
+    nbytes: int = 0
+    scope: trio.CancelScope | None = None
+
+    @property
+    def at(self) -> float:
+        return min(self.until, self.start + self.base + self.nbytes / _MiB * DEADLINE_PER_MIB)
+
+    def moves(self, nbytes: int) -> None:
+        """Event loop only."""
+        self.nbytes = nbytes
+        if self.scope is not None:
+            self.scope.deadline = self.at
 
 
 class S3:
-    """The mount's S3: SyncS3's calls in trio worker threads, behind one CapacityLimiter."""
+    """The mount's S3: SyncS3's calls in trio worker threads, behind one CapacityLimiter, each under
+    a deadline, all behind one circuit breaker (start `run`, its probe, in the mount's nursery)."""
 
     def __init__(self, opts: S3Options, limiter: trio.CapacityLimiter, client: S3Client | None = None):
         self.sync = SyncS3(opts, client)
@@ -500,12 +657,120 @@ class S3:
         self.bucket = opts.bucket
         self.client = self.sync.client
         self.limiter = limiter
+        self.breaker = Breaker()
         self.calls: Counter[str] = Counter()
 
-    async def _run(self, what: str, fn: Callable[[], T]) -> T:
-        # Counted here, in the event loop, per logical call (botocore's retries are not counted).
+    def deadline(self, nbytes: int = 0, until: float = math.inf) -> _Deadline:
+        """The deadline of a call that starts now and moves `nbytes`."""
+        return _Deadline(trio.current_time(), self.opts.deadline, until, nbytes)
+
+    async def _run(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        nbytes: int = 0,
+        *,
+        until: float = math.inf,
+        deadline: _Deadline | None = None,
+    ) -> T:
+        """fn() in a worker thread: the one place every call of the mount's S3 goes through.
+
+        Where the deadline applies: to each call, from before it waits for a worker thread to its
+        answer, botocore's retries included; the call moves `nbytes` (or `deadline` says, and may
+        extend, how long it may take); `until` caps it for calls that are part of a larger operation
+        (the parts of put_file's multipart upload share one deadline for the whole file).
+
+        The thread runs in a shielded scope whose only cancellation is the deadline: cancelled from
+        outside (unmount, a failed sibling part), the caller still waits for the thread, at most
+        until the deadline, so no thread outlives a caller that believes it is done (a part upload
+        after its abort, a write into a closed fd). At the deadline the thread is abandoned: it keeps
+        its limiter slot until boto3 gives up, which is why the circuit opens. A call that missed
+        its deadline still waiting for a slot says nothing about S3 (every slot may be busy with
+        large transfers), so that one fails without opening the circuit.
+        """
+        trial = self.breaker.admit(what)
+        # Counted here, in the event loop, per logical call sent (botocore's retries are not counted).
         self.calls[what.split(" ", 1)[0]] += 1
-        return await trio.to_thread.run_sync(self.sync.call, what, fn, limiter=self.limiter)
+        dl = deadline if deadline is not None else self.deadline(nbytes, until)
+        sent = False  # set by the worker thread as it starts the call
+
+        def call() -> T:
+            nonlocal sent
+            sent = True
+            return self.sync.call(what, fn)
+
+        try:
+            with trio.CancelScope(shield=True, deadline=dl.at) as scope:
+                dl.scope = scope
+                result = await trio.to_thread.run_sync(call, limiter=self.limiter, abandon_on_cancel=True)
+            if scope.cancelled_caught:
+                took = dl.at - dl.start
+                if not sent:
+                    raise DeadlineMissed(
+                        f"{what}: no S3 worker thread free within {took:.1f} s (s3_deadline)"
+                    )
+                raise DeadlineMissed(f"{what}: no answer from S3 within {took:.1f} s (s3_deadline)")
+        except DeadlineMissed as e:
+            if sent:
+                self.breaker.unreachable(str(e))
+            raise
+        except Unreachable as e:
+            self.breaker.unreachable(str(e))
+            raise
+        except S3Error as e:
+            if s3_answered(e):
+                self.breaker.answered(what)
+            raise
+        finally:
+            if trial:
+                self.breaker.trial_done()
+        self.breaker.answered(what)
+        return result
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The breaker's probe, until cancelled: start it with `nursery.start(s3.run)`. While the
+        circuit is open, a LIST of one key every PROBE_EVERY s closes it once S3 answers. Its thread
+        and client are its own (one attempt, timeouts of PROBE_DEADLINE), so it never waits behind
+        the abandoned calls that hold the main limiter, and never leaves many threads behind."""
+        limiter = trio.CapacityLimiter(1)
+        opts = replace(
+            self.opts,
+            connect_timeout=min(self.opts.connect_timeout, PROBE_DEADLINE),
+            read_timeout=PROBE_DEADLINE,
+            max_attempts=1,
+            max_pool_connections=1,
+        )
+        client: S3Client | None = None
+        self.breaker.probing = True
+        try:
+            task_status.started()
+            while True:
+                await self.breaker.wait_open()
+                await trio.sleep(PROBE_EVERY)
+                if not self.breaker.is_open:
+                    continue
+                if client is None:
+                    client = await trio.to_thread.run_sync(make_client, opts, limiter=limiter)
+                if await self._probe(client, limiter):
+                    self.breaker.answered("probe")
+        finally:
+            self.breaker.probing = False
+
+    async def _probe(self, client: S3Client, limiter: trio.CapacityLimiter) -> bool:
+        """Does S3 answer a LIST of one key within PROBE_DEADLINE (an error answer counts)?"""
+
+        def ask() -> bool:
+            try:
+                client.list_objects_v2(Bucket=self.bucket, Prefix=self.opts.prefix, MaxKeys=1)
+            except botocore.exceptions.ClientError:
+                return True
+            except (botocore.exceptions.BotoCoreError, OSError):
+                return False
+            return True
+
+        with trio.move_on_after(PROBE_DEADLINE):
+            return await trio.to_thread.run_sync(ask, limiter=limiter, abandon_on_cancel=True)
+        return False
 
     def etag_is_md5_of(self, etag: str, md5_hex: str) -> bool | None:
         return self.sync.etag_is_md5_of(etag, md5_hex)
@@ -556,14 +821,16 @@ class S3:
 
         Below the multipart threshold: one PUT with Content-MD5. Above: a multipart upload whose parts
         each carry Content-MD5; any failure aborts it, so no partial object can ever become visible.
+        Either way the whole upload has one deadline, for the file's size (the abort after a failure
+        is outside it).
         """
         size = os.stat(path).st_size
         if not self.sync.is_multipart(size):
-            return await self._run(f"PUT {key}", functools.partial(self.sync.put_single, key, path))
+            return await self._run(f"PUT {key}", functools.partial(self.sync.put_single, key, path), size)
         return await self._put_multipart(key, path, size)
 
     async def _put_multipart(self, key: str, path: str, size: int) -> ObjectInfo:
-        mpu = MultipartUpload(self, key)
+        mpu = MultipartUpload(self, key, until=self.deadline(size).at)
         await mpu.start()
         whole: list[str] = []
 
@@ -600,13 +867,38 @@ class S3:
 
         With `if_match`, S3 refuses (412) if the object is no longer that version: the parts of one
         download never mix two versions of an object.
+
+        The deadline is for the range's size; a GET of the whole object learns it from the answer.
+        A thread abandoned at the deadline writes only into its own dup of `fd` (the caller closes
+        `fd` when this returns, and its number may then name another file) and reports no progress.
         """
 
         token = trio.lowlevel.current_trio_token()
         got = 0
+        gone = False  # this call has returned: the thread, if still running, is abandoned
+        handoff = threading.Lock()  # orders the thread's dup of fd before `gone`
+        dl = self.deadline(0 if end is None else end - start + 1)
         log.debug("GET %s bytes=%s-%s", key, start, "" if end is None else end)
 
+        def report(n: int) -> None:
+            if not gone:
+                progress(n)
+
+        def sized(n: int) -> None:
+            if not gone:
+                dl.moves(n)
+
         def fn() -> RangeResult:
+            with handoff:
+                if gone:
+                    raise Unavailable(f"GET {key}: abandoned before it started")
+                wfd = os.dup(fd)
+            try:
+                return transfer(wfd)
+            finally:
+                os.close(wfd)
+
+        def transfer(wfd: int) -> RangeResult:
             nonlocal got
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self.sync.sse}
             if end is not None:
@@ -615,6 +907,8 @@ class S3:
                 kwargs["IfMatch"] = if_match
             r = self.client.get_object(**kwargs)
             length = int(r["ContentLength"])
+            if end is None:
+                token.run_sync_soon(sized, length)
             content_range = r.get("ContentRange")  # "bytes 0-8388607/20971520"
             total = int(content_range.rsplit("/", 1)[1]) if content_range else length
             md5 = hashlib.md5() if end is None else None
@@ -622,12 +916,14 @@ class S3:
             # Small first chunks get the first bytes to a waiting reader sooner (the kernel's first
             # read of a file asks for 128 KiB).
             while chunk := body.read(_FIRST_CHUNK if got < 2 * _FIRST_CHUNK else _STREAM_CHUNK):
+                if gone:
+                    raise Unavailable(f"GET {key}: abandoned at its deadline")
                 if md5 is not None:
                     md5.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     try:
-                        n = os.pwrite(fd, view, start + got)
+                        n = os.pwrite(wfd, view, start + got)
                     except OSError as err:
                         raise LocalWriteError(err) from err
                     view = view[n:]
@@ -635,14 +931,16 @@ class S3:
                 if got < length:
                     # Queued, not awaited: run_sync_soon keeps the order, and the thread's result
                     # is delivered after every call queued before it. The last chunk needs none.
-                    token.run_sync_soon(progress, got)
+                    token.run_sync_soon(report, got)
             if got != length:
                 raise IntegrityError(f"GET {key}: got {got} bytes, S3 said {length}")
             return RangeResult(total, r.get("ETag", ""), _mtime_ns(dict(r)), md5.hexdigest() if md5 else None)
 
         try:
-            return await self._run(f"GET {key}", fn)
+            return await self._run(f"GET {key}", fn, deadline=dl)
         finally:
+            with handoff:
+                gone = True
             progress(got)  # the bytes that landed, also when the GET failed part way
 
     async def get_bytes(self, key: str, start: int, size: int, if_match: str) -> bytes:
@@ -659,13 +957,14 @@ class S3:
                 raise IntegrityError(f"GET {key}: got {len(data)} bytes, S3 said {r['ContentLength']}")
             return data
 
-        return await self._run(f"GET {key}", fn)
+        return await self._run(f"GET {key}", fn, size)
 
     async def delete(self, key: str) -> None:
         await self._run(f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))
 
-    async def copy(self, src: str, dst: str) -> ObjectInfo:
-        """Server-side copy (boto3's managed copy switches to multipart copy above 5 GB)."""
+    async def copy(self, src: str, dst: str, size: int = 0) -> ObjectInfo:
+        """Server-side copy (boto3's managed copy switches to multipart copy above 5 GB). `size`, the
+        object's if the caller knows it, gives the copy more time (it moves that many bytes)."""
         sse = self.sync.sse
         extra = self.sync.extra_put_args()
         if sse:
@@ -679,4 +978,4 @@ class S3:
                 raise NotFound(f"COPY {src} -> {dst}: no object after the copy")
             return _info(dst, r)
 
-        return await self._run(f"COPY {src} -> {dst}", fn)
+        return await self._run(f"COPY {src} -> {dst}", fn, size)
