@@ -31,7 +31,7 @@ import trio
 from .cache import Cache, Download, Writer
 from .index import Index, Node, State
 from .namespace import Namespace
-from .s3 import AccessDenied, NotFound, S3Error
+from .s3 import AccessDenied, CircuitOpen, NotFound, S3Error
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,10 @@ def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
             raise
         except (OSError, S3Error, sqlite3.Error) as e:
             code = errno_for(e)
-            level = (
-                logging.DEBUG if code in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY) else logging.WARNING
-            )
+            # An open circuit fails every call at once while S3 is unreachable: the breaker logs
+            # when it opens and closes, not each refused call.
+            quiet = code in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY) or isinstance(e, CircuitOpen)
+            level = logging.DEBUG if quiet else logging.WARNING
             log.log(level, "%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(code) from None
         except Exception:

@@ -448,6 +448,8 @@ async def _serve(parts: _Parts, config: Config) -> bool:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(on_signals)
+        # The circuit breaker's probe: while S3 is unreachable, it notices S3 answering again.
+        await nursery.start(parts.cache.s3.run)
         # Before the first pass (a large pass leaves its data files to the reaper) and before the
         # listing (which has the kernel invalidate what changed behind our back, in the background).
         await nursery.start(parts.cache.run)

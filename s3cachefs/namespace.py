@@ -368,7 +368,7 @@ class Namespace:
         # of either runs in between, and DELETEs of the new name queued before the copy are moot.
         self.cache.index_writable()
         async with self.cache.changing(src_rel, dst_rel) as mark:
-            info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel)
+            info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel, src.size)
             await self.s3.delete(self.prefix + src_rel)
             src = self.index.get(src.ino)
             if src is None:

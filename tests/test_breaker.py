@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -314,3 +315,48 @@ def test_with_s3_hung_close_fails_at_the_deadline_then_at_once_and_works_again_o
     log = m.log_text()
     assert log.count("circuit open,") == 1, log
     assert log.count("circuit closed") == 1, log
+
+
+def test_a_cached_file_is_served_while_cold_reads_wait_on_a_hung_s3(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
+    # The first read of a cached file after a mount checks its MD5 in a worker thread. That thread
+    # comes from the local disk's own limiter: with 40 cold reads holding every S3 thread on a hung
+    # S3 (until their deadline), the cached file is still served at once, not after the deadline.
+    client = own_s3server.client()
+    bucket = own_s3server.new_bucket()
+    cold = {f"remote_content/ex.org/ab/cd/c{i:02d}": os.urandom(20_000) for i in range(40)}
+    for key, body in cold.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    m = make_mount(bucket=bucket, server=own_s3server, extra_args=["--s3-deadline", "30s"])
+    cached = m.path / "local_content/ab/cd/cached"
+    cached.parent.mkdir(parents=True)
+    data = os.urandom(3 * 1024 * 1024)
+    cached.write_bytes(data)
+    m.unmount()
+    m.start()  # the cached copy is now unverified: its first read hashes it
+    assert wait_until(lambda: "listed " in m.log_text().rsplit("start:", 1)[-1], 30)
+    results: dict[str, BaseException | None] = {}
+
+    def read(key: str) -> None:
+        try:
+            (m.path / key).read_bytes()
+            results[key] = None
+        except OSError as e:
+            results[key] = e
+
+    own_s3server.pause()
+    threads = [threading.Thread(target=read, args=(k,)) for k in cold]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # let the cold reads take the S3 threads (nothing observable to wait on)
+        assert all(t.is_alive() for t in threads), "the cold reads should be waiting on the hung S3"
+        t0 = time.monotonic()
+        assert cached.read_bytes() == data
+        took = time.monotonic() - t0
+    finally:
+        own_s3server.resume()
+        for t in threads:
+            t.join(120)
+    assert took < 30.0 - MARGIN, f"the cached read waited {took:.1f}s, as if behind the cold reads' deadline"

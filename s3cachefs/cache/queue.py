@@ -30,7 +30,7 @@ import cachetools
 import trio
 
 from ..index import State
-from ..s3 import S3, S3Error, md5_fd
+from ..s3 import S3, CircuitOpen, S3Error, md5_fd
 from . import states
 from .space import Space
 from .store import Store
@@ -140,7 +140,9 @@ class Queue:
                 attempts = self._retry.get(item, (0, 0.0))[0] + 1
                 delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (attempts - 1))
                 self._retry[item] = (attempts, trio.current_time() + delay)
-                log.warning("queued %s %d failed (attempt %d, next in %.0fs): %s", *item, attempts, delay, e)
+                # While the circuit is open every attempt fails at once: the breaker logs that.
+                level = logging.DEBUG if isinstance(e, CircuitOpen) else logging.WARNING
+                log.log(level, "queued %s %d failed (attempt %d, next in %.0fs): %s", *item, attempts, delay, e)
             finally:
                 self._claimed.discard(item)
 

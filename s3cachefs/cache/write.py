@@ -369,6 +369,8 @@ class Writes:
         pl.more.set()
         await pl.done.wait()
         size = os.fstat(w.fd).st_size
+        # The tail and the completion of a pipelined close() share one deadline, for the whole file.
+        pl.mpu.until = self.s3.deadline(size).at
         if pl.error is not None or size < pl.scheduled_end or size < self.s3.opts.multipart_threshold:
             await pl.mpu.abort()
             return None
