@@ -142,7 +142,9 @@ class Queue:
                 self._retry[item] = (attempts, trio.current_time() + delay)
                 # While the circuit is open every attempt fails at once: the breaker logs that.
                 level = logging.DEBUG if isinstance(e, CircuitOpen) else logging.WARNING
-                log.log(level, "queued %s %d failed (attempt %d, next in %.0fs): %s", *item, attempts, delay, e)
+                log.log(
+                    level, "queued %s %d failed (attempt %d, next in %.0fs): %s", *item, attempts, delay, e
+                )
             finally:
                 self._claimed.discard(item)
 
