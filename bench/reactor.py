@@ -48,6 +48,7 @@ import http.client
 import io
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -349,7 +350,8 @@ class ProxiedMount(Mount):
         return cmd
 
     def listings_done(self) -> int:
-        return self.log_text().count("listed ")
+        """Full listings finished so far (s3cachefs.namespace logs "listed N objects in S s")."""
+        return len(re.findall(r"\blisted \d+ objects in ", self.log_text()))
 
 
 @dataclass
