@@ -523,6 +523,13 @@ def bucket_objects(client: S3Client, bucket: str) -> dict[str, bytes]:
     return out
 
 
+def circuit_closed(m: Mount) -> bool:
+    """The mount's S3 circuit breaker is closed: each time it logged its opening, it logged its
+    closing after (a call made while it is open fails at once, by design)."""
+    text = m.log_text()
+    return text.count("S3 answers again") >= text.count("circuit open, S3 calls fail at once")
+
+
 def queues_empty(m: Mount) -> bool:
     """No upload or DELETE of the mount is queued (read from its index, beside the daemon)."""
     try:

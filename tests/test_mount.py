@@ -28,6 +28,7 @@ from .harness import (
     Mount,
     S3Server,
     bucket_objects,
+    circuit_closed,
     dir_bytes,
     pages_in_page_cache,
     queues_empty,
@@ -169,6 +170,8 @@ def test_failed_upload_fails_close_and_leaves_nothing_in_the_bucket(
         assert not path.exists()
 
     own_s3server.start()
+    # The outage opened the circuit breaker; its probe closes it within a second or two.
+    assert wait_until(lambda: circuit_closed(m), 30)
     assert keys(s3, m.bucket) == {"local_content/aa/aa/before"}
     uploads = s3.list_multipart_uploads(Bucket=m.bucket).get("Uploads", [])
     assert uploads == [], "the failed multipart upload was aborted"
@@ -217,6 +220,7 @@ def test_a_reader_opened_after_fsync_never_reads_a_later_write_that_failed(
             with pytest.raises(OSError):
                 f.close()
             own_s3server.start()
+            assert wait_until(lambda: circuit_closed(m), 30)  # the breaker's probe sees S3 back
             assert reader.read(4096) == synced[:4096]
     finally:
         if not f.closed:
