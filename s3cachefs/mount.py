@@ -34,6 +34,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import procmounts
 from .cache import Cache, Limits
 from .config import Config, ConfigError
 from .errors import EXIT_OK, EXIT_RUNTIME, StartupError, report
@@ -121,9 +122,29 @@ def _check_mountpoint(path: Path) -> os.stat_result:
             raise ConfigError(f"mount point {path}: {e.strerror}") from None
     if not os.path.isdir(path):
         raise ConfigError(f"mount point {path}: not a directory")
+    if os.path.ismount(path) and _dead_mount_of_ours(path):
+        # Killed (a crash, the watchdog): stat() above still answered from the kernel's attribute
+        # cache (ATTR_TIMEOUT), but nothing serves the mount any more. Clear it, or the restart
+        # would exit 2 and systemd's RestartPreventExitStatus=2 would stop retrying.
+        log.warning("clearing a dead mount at %s (its daemon is gone)", path)
+        subprocess.run(["fusermount3", "-uz", str(path)], check=False, capture_output=True)
+        st = os.stat(path)
     if os.path.ismount(path):
         raise ConfigError(f"mount point {path}: something is already mounted there")
     return st
+
+
+def _dead_mount_of_ours(path: Path) -> bool:
+    """An s3cachefs mount at `path` whose daemon is gone: statfs, unlike stat, is never answered
+    from the kernel's cache, and a FUSE connection without its daemon fails it with ENOTCONN."""
+    entry = procmounts.mount_of(path)
+    if entry is None or entry.point != os.path.realpath(path) or entry.fstype != "fuse.s3cachefs":
+        return False
+    try:
+        os.statvfs(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
 
 
 # What the daemon (root, as a rule) opens or creates by name inside the cache directory: a symlink

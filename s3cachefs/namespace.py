@@ -333,11 +333,14 @@ class Namespace:
             return
         if dst is not None and dst.is_dir:
             raise _err(errno.EISDIR, "rename")
-        if src.state == State.WRITING or self.cache.writer(src.ino) is not None:
-            # Its bytes are not in S3 yet (or being changed); there is nothing consistent to copy.
-            raise _err(errno.EBUSY, "rename of a file open for writing")
         if dst is not None and self.cache.writer(dst.ino) is not None:
             raise _err(errno.EBUSY, "rename over a file open for writing")
+        if self.cache.writer(src.ino) is not None:
+            await self._rename_written(src, p_new, n_new)
+            return
+        if src.state == State.WRITING:
+            # A write whose writer is gone and whose row is not settled yet (a moment at most).
+            raise _err(errno.EBUSY, "rename of a file whose write is being settled")
         if src.state == State.QUEUED:
             # Its bytes are not in S3 yet, and a rename is a copy in S3: send them first (rename is
             # not on Synapse's path; it never renames media).
@@ -374,6 +377,41 @@ class Namespace:
             if src is None:
                 return
             self._move_file_row(src, src_rel, p_new, n_new, dst_rel, dst_k, info, mark)
+
+    async def _rename_written(self, src: Node, p_new: int, n_new: bytes) -> None:
+        """Rename of a file open for writing (POSIX allows it: `(echo foo; mv f f.new) > f` leaves foo
+        in f.new). Its bytes are in its writer's staging file, not (all) in S3: the row moves, the
+        next close uploads the whole file under the new name, and the version S3 may hold under the
+        old name is deleted (queued, in the same commit). So is one under the new name, unless that
+        upload replaces it first (a PUT drops the DELETEs of its key queued before it)."""
+        src_rel = self.index.relpath(src.ino)
+        dst_rel = self.relpath_of(p_new, n_new)
+        src_k, dst_k = self.cache.klass(src_rel), self.cache.klass(dst_rel)
+        if src_k.local_only != dst_k.local_only:
+            raise _err(errno.EXDEV, "rename between local-only and uploaded paths")
+        self.cache.index_writable()
+        # An upload of either name in flight ends first: it would land under the old name.
+        async with self.cache.changing(src_rel, dst_rel):
+            cur = self.index.get(src.ino)
+            if cur is None or self.index.relpath(src.ino) != src_rel:
+                raise _err(errno.ENOENT, "rename")
+            now = time.time()
+
+            def record() -> None:
+                self.index.move(src.ino, p_new, n_new)
+                self.index.set_class(src.ino, dst_k.columns)
+                if not src_k.local_only:
+                    self.index.queue_delete(src_rel, now)
+                    self.index.queue_delete(dst_rel, now)
+
+            self.cache.renamed_while_written(src.ino)
+            replaced = self.index.lookup(p_new, n_new)
+            if replaced is not None:
+                self.cache.drop(replaced.ino, also=record)
+            else:
+                self.cache.index_write(record, durable=True)
+        self._gone(src_rel)
+        self.negative.pop(dst_rel, None)
 
     def _move_file_row(
         self,

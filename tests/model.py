@@ -173,14 +173,15 @@ class Model:
         return sum(len(d) for p, d in self.files.items() if local_only(p))
 
     def uploaded(self) -> dict[str, bytes]:
-        """What the bucket must hold: non-empty files outside the local-only prefixes (no 0-byte objects)."""
-        return {p: d for p, d in self.files.items() if d and not local_only(p)}
+        """What the bucket must hold: every file outside the local-only prefixes (an empty one as a
+        0-byte object)."""
+        return {p: d for p, d in self.files.items() if not local_only(p)}
 
     def copy(self) -> Model:
         return Model(dict(self.files), set(self.dirs))
 
     def wipe(self) -> None:
-        """The cache directory was wiped: only S3 is left (README: empty and local-only files are lost;
+        """The cache directory was wiped: only S3 is left (README: local-only files are lost;
         directories exist only as long as keys imply them)."""
         self.files = self.uploaded()
         self.dirs = set()
@@ -679,16 +680,11 @@ class MountModel(RuleBasedStateMachine):
             return None
 
     def check_key(self, path: str, after: str) -> None:
-        """The object of `path` right after a call that changed it: the model's bytes, or no object
-        for a missing, empty or local-only file."""
+        """The object of `path` right after a call that changed it: the model's bytes (an empty file
+        is a 0-byte object), or no object for a missing or local-only file."""
         data = self.model.files.get(path)
-        expected = None if not data or local_only(path) else data
+        expected = None if data is None or local_only(path) else data
         actual = self._get_key(path)
-        if actual != expected and expected is None and data == b"":
-            # An object emptied by open(O_TRUNC) + close() is deleted at FUSE RELEASE, which the
-            # kernel sends after close() has returned (see the report of that bug): allow it a moment.
-            wait_until(lambda: self._get_key(path) is None, 2.0)
-            actual = self._get_key(path)
         if actual != expected and self.mount is not None:
             # A queued upload (thumbnails) or DELETE (every unlink) reaches S3 in the background:
             # the bucket must agree once the mount's queues are empty.
@@ -712,7 +708,7 @@ class MountModel(RuleBasedStateMachine):
         self.trace.append(f"bucket: {len(actual)} objects")
         if actual == expected:
             return
-        problems = [f"0-byte object {k}" for k, v in sorted(actual.items()) if not v]
+        problems: list[str] = []
         for k in sorted(set(actual) | set(expected)):
             if k not in actual:
                 problems.append(f"missing {k} ({_show(expected[k])})")

@@ -419,28 +419,40 @@ def test_status_shows_a_running_mount_and_its_cache(make_mount: MakeMount) -> No
     assert s["pid"] is None and s["cached_files"] == 1
 
 
-def test_an_empty_flush_never_puts_an_empty_object(mounted: Mount, s3: S3Client) -> None:
+def test_an_empty_file_never_has_a_placeholder_and_the_last_close_puts_the_data(
+    mounted: Mount, s3: S3Client
+) -> None:
     path = mounted.path / "local_content/ab/cd/x"
     path.parent.mkdir(parents=True)
-    # What `cmd > file` does: open, dup2 onto stdout, close the original (a FUSE flush), then write.
+    # Nothing at create() (no placeholder), nothing while two descriptors of the file are open for
+    # writing, and what the last close() sees is what S3 ends with.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    dup = os.dup(fd)
-    os.close(fd)
     assert bucket_objects(s3, mounted.bucket) == {}
-    os.write(dup, b"content")
-    os.close(dup)
+    other = os.open(path, os.O_WRONLY)
+    os.close(fd)  # another descriptor is still open for writing: it settles the file
+    assert bucket_objects(s3, mounted.bucket) == {}
+    os.write(other, b"content")
+    os.close(other)
     assert bucket_objects(s3, mounted.bucket) == {"local_content/ab/cd/x": b"content"}
 
 
-def test_an_empty_file_is_kept_locally_and_an_emptied_object_is_deleted(mounted: Mount, s3: S3Client) -> None:
+def test_a_file_empty_at_its_last_close_is_a_real_0_byte_object(mounted: Mount, s3: S3Client) -> None:
+    # Synapse accepts and serves a 0-byte upload; once the cache is lost, only S3 can serve it.
     empty = mounted.path / "local_content/ab/cd/empty"
     store_like_synapse(empty, b"")
     assert empty.exists() and empty.stat().st_size == 0
-    store_like_synapse(mounted.path / "local_content/ab/cd/full", b"bytes")
-    with open(mounted.path / "local_content/ab/cd/full", "wb"):
-        pass
-    assert bucket_objects(s3, mounted.bucket) == {}, "no 0-byte object, and no stale old version"
-    assert (mounted.path / "local_content/ab/cd/full").read_bytes() == b""
+    full = mounted.path / "local_content/ab/cd/full"
+    store_like_synapse(full, b"bytes")
+    with open(full, "wb"):
+        pass  # emptied: the close puts the 0-byte version over the old one, before it returns
+    assert bucket_objects(s3, mounted.bucket) == {
+        "local_content/ab/cd/empty": b"",
+        "local_content/ab/cd/full": b"",
+    }
+    mounted.unmount()
+    mounted.wipe_cache()
+    mounted.start()
+    assert empty.read_bytes() == b"" and full.read_bytes() == b""
 
 
 def test_a_policy_from_the_config_file_replaces_the_defaults(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .harness import MakeMount, S3Server, bucket_objects, wait_until
+from .harness import MakeMount, Mount, S3Server, bucket_objects, queues_empty, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -105,3 +105,33 @@ def test_unlink_during_the_first_upload_leaves_no_object_and_no_file(
     m.unmount()
     m.start()
     assert not path.exists(), "the file came back after a remount"
+
+
+def test_a_file_renamed_while_open_for_writing_keeps_its_bytes_under_the_new_name(
+    mounted: Mount, s3: S3Client
+) -> None:
+    # POSIX allows it, and shells do it: `(echo foo; mv f f.new) > f` leaves foo in f.new.
+    d = mounted.path / "local_content/ab/cd"
+    d.mkdir(parents=True)
+    subprocess.run(["bash", "-c", "(echo foo; mv f f.new) > f"], cwd=d, check=True, timeout=60)
+    assert sorted(os.listdir(d)) == ["f.new"]
+    assert (d / "f.new").read_bytes() == b"foo\n"
+    # A file S3 already holds, appended to and renamed before its close: the whole file goes up under
+    # the new name, and the old name's object goes.
+    (d / "old").write_bytes(b"0123456789")
+    with open(d / "old", "ab") as f:
+        f.write(b"abc")
+        f.flush()
+        os.rename(d / "old", d / "renamed")
+        f.write(b"def")
+    assert (d / "renamed").read_bytes() == b"0123456789abcdef"
+    assert wait_until(lambda: queues_empty(mounted), 30)
+    assert bucket_objects(s3, mounted.bucket) == {
+        "local_content/ab/cd/f.new": b"foo\n",
+        "local_content/ab/cd/renamed": b"0123456789abcdef",
+    }
+    mounted.unmount()
+    mounted.wipe_cache()
+    mounted.start()
+    assert sorted(os.listdir(d)) == ["f.new", "renamed"]
+    assert (d / "renamed").read_bytes() == b"0123456789abcdef"

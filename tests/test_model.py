@@ -84,8 +84,9 @@ def test_random_operation_sequences_match_the_model(
 
 
 def test_rename_of_an_empty_file_moves_it(mounted: Mount, s3: S3Client) -> None:
-    """An empty file lives in the cache only (README), so a rename has no object to copy: it must
-    still move (namespace.py Namespace.rename copies the object and gets NoSuchKey -> ENOENT)."""
+    """An empty file once lived in the cache only, so a rename had no object to copy: it must still
+    move (namespace.py Namespace.rename copied the object and got NoSuchKey -> ENOENT). Empty files
+    are 0-byte objects now, and the rename moves that object."""
     t = mounted.path / "t"
     t.mkdir()
     open(t / "a", "wb").close()
@@ -95,7 +96,8 @@ def test_rename_of_an_empty_file_moves_it(mounted: Mount, s3: S3Client) -> None:
     (t / "c").write_bytes(b"uploaded")
     os.rename(t / "b", t / "c")
     assert sorted(os.listdir(t)) == ["c"] and (t / "c").read_bytes() == b""
-    assert bucket_objects(s3, mounted.bucket) == {}
+    assert wait_until(lambda: queues_empty(mounted), 30)
+    assert bucket_objects(s3, mounted.bucket) == {"t/c": b""}
 
 
 def test_a_write_open_without_a_write_keeps_the_cache_under_its_cap(make_mount: MakeMount) -> None:
@@ -135,9 +137,9 @@ def test_directories_removed_through_the_mount_do_not_come_back(make_mount: Make
 
 def test_emptying_a_file_is_durable_when_close_returns(make_mount: MakeMount, own_s3server: S3Server) -> None:
     """README: close() succeeds only once S3 holds the complete file. An uploaded file emptied by
-    open('wb') + close() has its object deleted at FUSE RELEASE (cache.py finish_write ->
-    _settle_empty), which the kernel sends after close() has returned: close() succeeds at once,
-    and a crash before the DELETE brings the old bytes back."""
+    open('wb') + close() once had its object deleted at FUSE RELEASE, which the kernel sends after
+    close() has returned: close() succeeded at once, and a crash before the DELETE brought the old
+    bytes back. Now the close puts the 0-byte object itself."""
     m = make_mount(server=own_s3server, extra_args=FAST_FAIL)
     path = m.path / "t/a"
     path.parent.mkdir()
@@ -156,11 +158,11 @@ def test_emptying_a_file_is_durable_when_close_returns(make_mount: MakeMount, ow
     assert wait_until(lambda: "listed " in m.log_text().rsplit("start:", 1)[-1], 30)
     in_s3 = bucket_objects(own_s3server.client(), m.bucket).get("t/a")
     if closed:
-        assert in_s3 is None and path.read_bytes() == b""
-    elif in_s3 is None:
-        # close() failed on a DELETE that timed out, but the paused server carried it out once
+        assert in_s3 == b"" and path.read_bytes() == b""
+    elif in_s3 == b"":
+        # close() failed on a PUT that timed out, but the paused server carried it out once
         # resumed: a failed write may or may not have happened; the mount must agree with S3.
-        assert not path.exists()
+        assert path.read_bytes() == b""
     else:
         assert in_s3 == b"old content" and path.read_bytes() == b"old content"
 

@@ -266,15 +266,7 @@ def crash_and_start_again(m: Mount, monkeypatch: pytest.MonkeyPatch) -> None:
     [
         "fusermount-u",
         "sigterm-with-a-file-open-in-the-container",
-        pytest.param(
-            "sigkill-with-a-file-open-in-the-container",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="mount._check_mountpoint sees no ENOTCONN while the kernel caches the dead "
-                "root's attributes (ATTR_TIMEOUT), so the new daemon exits 2 'something is "
-                "already mounted there' (and the unit's RestartPreventExitStatus=2 stops retrying)",
-            ),
-        ),
+        "sigkill-with-a-file-open-in-the-container",
     ],
 )
 def test_a_restarted_mount_reaches_a_running_container_through_its_slave_bind(

@@ -200,8 +200,19 @@ class Cache:
     def index_writable(self) -> None:
         self.space.index_writable()
 
-    def index_write(self, change: Change) -> None:
-        self.space.index_write(change)
+    def index_write(self, change: Change, durable: bool = False) -> None:
+        self.space.index_write(change, durable)
+
+    def renamed_while_written(self, ino: int) -> None:
+        """The file is renamed while open for writing (Namespace._rename_written): what S3 holds
+        under its old name no longer backs it, so its writer has no earlier version to go back to,
+        and its next close uploads the whole file (states.unsent)."""
+        w = self.store.writers.get(ino)
+        if w is not None:
+            w.prev, w.was_cached, w.was_queued = None, False, False
+            self.writes.mark_dirty(w)
+        states.unsent(self.store, ino)
+        self.queue.wake()
 
     def unlink(self, ino: int) -> None:
         """The file leaves the namespace and its DELETE is queued, in one durable commit: no S3 round

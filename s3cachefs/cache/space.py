@@ -81,10 +81,11 @@ class Space:
     def keep_reserve(self) -> None:
         """Hold RESERVE bytes of the cache disk for the index alone (see _make_index_room); made
         again by housekeeping once there is room."""
-        if self.reserve_path.exists():
+        if os.path.lexists(self.reserve_path):
             return
         try:
-            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # O_NOFOLLOW: a symlink planted here must not turn our writes onto another file.
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             self._reserve_failed(e)
             return

@@ -31,6 +31,7 @@ committed, so a retried commit never counts twice.
                                 a first write that failed with no older version (reverted())
       WRITING ── orphaned() ──▶ REMOTE or (removed): at mount, a write whose close never succeeded
       WRITING ── uploaded_meanwhile() ──▶ WRITING with an S3 version: unlinked while its upload ran
+      any file with a writer ── unsent() ──▶ WRITING with no S3 version: renamed while open for writing
 
 A queued DELETE is no row state: the row is removed (dropped()) and its key entered in the index's
 delete_queue in the same durable commit (queue.py).
@@ -184,6 +185,17 @@ def writing(store: Store, ino: int) -> None:
         return
     store.index.set_state(ino, State.WRITING)
     _uncount(store, node)
+
+
+def unsent(store: Store, ino: int) -> None:
+    """WRITING (or a row with a writer) -> WRITING with no S3 version: renamed while open for
+    writing; the object under the old name is being deleted, so nothing in S3 backs the row until
+    its next close uploads it under the new name."""
+    writing(store, ino)
+    node = store.index.get(ino)
+    if node is not None:
+        store.index.set_object(ino, State.WRITING, node.size, None, node.mtime_ns, store.index.listing_gen)
+    store.index.unqueue_upload(ino)
 
 
 def requeued(store: Store, write: Write, ino: int, size: int) -> None:

@@ -236,9 +236,10 @@ class Store:
         self.pending_bytes = 0  # bytes of evicted files the reaper has yet to unlink
         self.queued_bytes = index.queued_bytes()  # bytes of QUEUED rows (the queue's bound)
         self.stats: Counter[str] = Counter()
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.trash_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.data_dir, self.tmp_dir, self.trash_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if d.is_symlink():  # mkdir(exist_ok) accepts a symlink to a directory: never follow one
+                raise OSError(errno.ELOOP, f"{d} is a symbolic link; refusing to follow it")
         # All 256 data/XX directories up front: otherwise the first file placed in each costs a
         # failed rename, a makedirs and a second rename (see place) on the way to its first byte.
         for i in range(256):

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import time
 
 import trio
@@ -34,8 +35,6 @@ from .space import Space
 from .store import Pipeline, Store, Writer, unlink_quiet
 
 log = logging.getLogger(__name__)
-
-EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 
 
 class Writes:
@@ -213,12 +212,14 @@ class Writes:
                 await self._commit_local(w, generation)
                 return
             size = os.fstat(w.fd).st_size
-            if size == 0:
-                # Never a 0-byte object in the bucket: an empty file lives in the cache only. If it
-                # replaced an object, that object is deleted now, before close() returns, so that a
-                # crash cannot bring the old bytes back. (Shells open, dup2 and close a file before
-                # the data arrives, `cmd > file`; the object is then written at the last close.)
-                await self._settle_empty(w, generation)
+            if size == 0 and w.handles > 1:
+                # Empty, and another descriptor is open for writing: its close settles the file (with
+                # its data, or as an empty object). A file still empty at its last close is a real
+                # 0-byte object, put below like any other, so that an error reaches that close().
+                # (FUSE cannot tell a close of one of several dup()ed descriptors from the last one:
+                # `cmd > file` closes its first descriptor before the data comes, and that close
+                # puts an empty object, which the last close replaces, as a local disk shows an
+                # empty file meanwhile.)
                 return
             if klass.async_upload and self.queue.admits(size):
                 await self._commit_queued(w, generation)
@@ -292,20 +293,6 @@ class Writes:
         w.path = self.store.place(w.path, w.ino)
         w.staging_is_data, w.was_queued = True, False
         states.local(self.store, self.space.index_write, w.ino, size, w.mtime_ns, md5)
-        self._committed(w, generation)
-
-    async def _settle_empty(self, w: Writer, generation: int) -> None:
-        """Commit an empty file (with w.lock held): kept in the cache only, as LOCAL, since S3 never
-        gets a 0-byte object. If it replaced an object, that object is deleted first; if the delete
-        fails, so does the close(), and the last release goes back to the version S3 still holds."""
-        if w.prev is not None:
-            await self.s3.delete(self.store.key(w.ino))
-            w.prev = None
-        if w.unlinked:
-            return
-        w.path = self.store.place(w.path, w.ino)
-        w.staging_is_data, w.was_queued = True, False
-        states.local(self.store, self.space.index_write, w.ino, 0, w.mtime_ns, EMPTY_MD5)
         self._committed(w, generation)
 
     # -- pipelined multipart uploads ------------------------------------------------------------------
@@ -407,13 +394,12 @@ class Writes:
         try:
             self._drop_pipeline(w)
             if w.failed is None and w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
-                # Emptied, and no close() settled it (a truncate through an fd that was never
-                # flushed, say): the last release does it, with errors only logged.
+                # Emptied, and no close() settled it (the last close's flush saw another write
+                # handle, released since): the last release does it, with errors only logged.
                 try:
-                    async with w.lock:
-                        await self._settle_empty(w, w.generation)
-                except (S3Error, OSError) as e:
-                    log.warning("could not delete %s after it was emptied: %s", self.store.key(w.ino), e)
+                    await self.upload(w)
+                except (S3Error, OSError, sqlite3.Error) as e:
+                    log.warning("could not store %s after it was emptied: %s", self.store.key(w.ino), e)
         finally:
             try:
                 removed = self._retire(w)
