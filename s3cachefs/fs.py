@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -29,7 +30,7 @@ import pyfuse3
 import trio
 
 from .cache import Cache, Download, Writer
-from .index import Index, Node, State
+from .index import Index, Node, State, count_files
 from .namespace import Namespace
 from .s3 import AccessDenied, CircuitOpen, NotFound, S3Error
 
@@ -46,6 +47,8 @@ ATTR_TIMEOUT = 300.0
 # Misses are cached briefly: Synapse asks for legacy thumbnail names and missing files repeatedly,
 # and a name created through this mount replaces the negative entry at once.
 NEGATIVE_TIMEOUT = 1.0
+# statfs counts the index's files and bytes again, in a worker thread, at most this often (s).
+TOTALS_EVERY = 30.0
 
 
 def errno_for(e: BaseException) -> int:
@@ -112,6 +115,10 @@ class Operations(pyfuse3.Operations):
         self.limiter = limiter
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        # (files, bytes) for statfs, counted in the background (_refresh_totals).
+        self._totals: tuple[int, int] = (0, 0)
+        self._totals_at = -math.inf
+        self._totals_refreshing = False
         ns.on_changed = self._invalidate_soon
 
     def _invalidate_soon(self, ino: int, gone: Node | None) -> None:
@@ -228,9 +235,32 @@ class Operations(pyfuse3.Operations):
         # on other S3 mounts, so that cp -p and rsync -a do not fail on them.
         return self._attr(self._node(inode))
 
+    def _refresh_totals(self) -> None:
+        """Count the files and bytes for statfs in a worker thread, at most every TOTALS_EVERY s: a
+        scan of the whole index (hundreds of ms at a million objects) must not stall the loop."""
+        now = time.monotonic()
+        if self._totals_refreshing or now - self._totals_at < TOTALS_EVERY:
+            return
+        self._totals_refreshing = True
+
+        async def refresh() -> None:
+            try:
+                self._totals = await trio.to_thread.run_sync(
+                    count_files, self.index.path, limiter=self.limiter
+                )
+                self._totals_at = time.monotonic()
+            except sqlite3.Error as e:
+                log.debug("statfs: counting the index failed: %s", e)
+            finally:
+                self._totals_refreshing = False
+
+        self.cache.start_soon(refresh)
+
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        count, used = self.index.total_bytes()
+        # Figures as of the last count (nominal anyway: S3 has no capacity); never a scan here.
+        self._refresh_totals()
+        count, used = self._totals
         bsize = 4096
         # S3 has no capacity limit; report a large size so that df and free-space checks stay calm.
         total = max(2**50, 2 * used)

@@ -400,12 +400,6 @@ class Index:
             out[f"{name}_bytes"] = size
         return out
 
-    def total_bytes(self) -> tuple[int, int]:
-        row = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM nodes WHERE state!=?", (int(State.DIR),)
-        ).fetchone()
-        return int(row[0]), int(row[1])
-
     def eviction_candidates(self) -> Generator[tuple[int, int, State], None, None]:
         """(ino, size, state) of files in the cache, lowest rank first, then least recently used: one
         cursor, read as far as the caller goes. Close the iterator (or read it to the end) before
@@ -616,6 +610,19 @@ class Index:
 
     def commit(self) -> None:
         self.db.execute("COMMIT")
+
+
+def count_files(path: Path) -> tuple[int, int]:
+    """Worker thread: (files, bytes) of the whole table, on a read-only connection of its own (WAL
+    lets it read beside the daemon's writes): a scan of every row, kept off the event loop."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        row = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM nodes WHERE state!=?", (int(State.DIR),)
+        ).fetchone()
+        return int(row[0]), int(row[1])
+    finally:
+        db.close()
 
 
 def checkpoint(path: Path) -> None:

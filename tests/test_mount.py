@@ -426,6 +426,19 @@ def test_files_show_the_configured_owner_and_sane_modes(make_mount: MakeMount) -
     assert st.f_bavail > 0 and st.f_namemax == 255
 
 
+def test_statfs_counts_the_files_in_the_background(mounted: Mount) -> None:
+    # df's figures come from a count of the index made in a worker thread (a scan of every row
+    # would stall the event loop at a million objects): they arrive shortly after the first statfs.
+    for i in range(3):
+        store_like_synapse(mounted.path / f"local_content/ab/cd/f{i}", b"x" * 100_000)
+
+    def counted() -> bool:
+        st = os.statvfs(mounted.path)
+        return st.f_files - st.f_ffree == 3 and (st.f_blocks - st.f_bfree) * st.f_frsize >= 300_000
+
+    assert wait_until(counted, 10)
+
+
 def _as_user(uid: int, action: Callable[[], object]) -> int:
     """Run `action` in a forked child as `uid`: 0 if it worked, EACCES/EPERM if refused, 1 otherwise."""
     pid = os.fork()
