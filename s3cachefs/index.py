@@ -162,7 +162,10 @@ class Index:
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a power loss may forget the last transactions but never corrupts the file.
         # Nothing we lose that way can cause wrong bytes: CACHED is only ever set after the data file
-        # was fsynced and renamed, and a forgotten row is found again by the next listing.
+        # was verified and renamed (not fsynced: its length and MD5 are checked at its first read
+        # after a mount), and a forgotten row is found again by the next listing. What an
+        # acknowledged close() or unlink() rests on without S3 (a queued upload or DELETE) is
+        # committed with synchronous=FULL (transaction(durable=True)).
         self.db.execute("PRAGMA synchronous=NORMAL")
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(nodes)")}
         if cols:  # an index made by an earlier version: add the columns it lacks
