@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -25,6 +27,7 @@ from .harness import (
     Mount,
     S3Server,
     free_ports,
+    mount_status,
     queues_empty,
     wait_until,
 )
@@ -251,6 +254,19 @@ def test_the_dashboard_queries_only_metrics_the_endpoint_exports(make_mount: Mak
     assert len(used) >= 10, used  # the regex found the queries
     missing = used - exported_names(scrape_text(port))
     assert not missing, f"the dashboard queries metrics the endpoint does not export: {sorted(missing)}"
+
+
+def test_status_of_a_running_mount_counts_an_upload_at_once(make_mount: MakeMount, tmp_path: Path) -> None:
+    m = make_mount()
+    before = mount_status(m)
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(2048))
+    os.makedirs(m.path / "local_content/st")
+    shutil.copy(src, m.path / "local_content/st/file")
+    after = mount_status(m)  # no wait: the daemon saves its counters when status asks
+    assert after["live"] is True
+    assert int(str(after["uploads"])) == int(str(before["uploads"])) + 1
+    assert int(str(after["saves"])) > int(str(before["saves"]))
 
 
 @pytest.mark.parametrize(
