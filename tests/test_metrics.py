@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from s3cachefs.config import ConfigError, parse_metrics_addr
 
 from .harness import (
     REPO_ROOT,
+    HarnessError,
     MakeMount,
     Mount,
     S3Server,
@@ -267,6 +269,16 @@ def test_status_of_a_running_mount_counts_an_upload_at_once(make_mount: MakeMoun
     assert after["live"] is True
     assert int(str(after["uploads"])) == int(str(before["uploads"])) + 1
     assert int(str(after["saves"])) > int(str(before["saves"]))
+
+
+def test_a_metrics_address_in_use_fails_the_mount_before_it_appears(make_mount: MakeMount) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        m = make_mount(extra_args=["--metrics-addr", f"127.0.0.1:{port}"], start=False)
+        with pytest.raises(HarnessError, match="exited with code"):
+            m.start()
+    assert not m.is_mounted()
+    assert f"metrics_addr 127.0.0.1:{port}: Address already in use" in m.log_text()
 
 
 @pytest.mark.parametrize(
