@@ -538,7 +538,10 @@ def run(config: Config) -> int:
                 _setup_logging(config, daemon=True)
             if exporter is not None:
                 exporter.start()  # after the fork: the serving thread would not survive it
-                log.info("serving metrics at http://%s:%d/metrics", *exporter.address)
+                host, port = exporter.address
+                log.info(
+                    "serving metrics at http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port
+                )
             unmount = True
             try:
                 unmount = trio.run(_serve, parts, config)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from s3cachefs.cli import config_from_args
 from s3cachefs.config import ConfigError, parse_metrics_addr
 
 from .harness import (
@@ -297,3 +298,14 @@ def test_a_metrics_address_is_host_and_port(text: str, expected: tuple[str, int]
 def test_a_metrics_address_without_a_host_or_a_valid_port_is_refused(text: str) -> None:
     with pytest.raises(ConfigError, match="metrics_addr"):
         parse_metrics_addr(text)
+
+
+def test_metrics_are_off_unless_an_address_is_given_by_flag_or_config_file(tmp_path: Path) -> None:
+    _, c = config_from_args(["mount", "media", "/mnt/media"])
+    assert c.metrics_addr is None
+    _, c = config_from_args(["mount", "media", "/mnt/media", "--metrics-addr", "127.0.0.1:9406"])
+    assert c.metrics_addr == ("127.0.0.1", 9406)
+    path = tmp_path / "s3cachefs.toml"
+    path.write_text('bucket = "media"\nmetrics_addr = "[::1]:9406"\n')
+    _, c = config_from_args(["mount", "--config", str(path), "/mnt/media"])
+    assert c.metrics_addr == ("::1", 9406)
