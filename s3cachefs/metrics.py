@@ -70,7 +70,8 @@ class Gauges:
     cached_bytes: int = 0  # CACHED, LOCAL and QUEUED rows: what the cap is compared with
     cached_files: int = 0
     cap_bytes: int = 0
-    min_free: float = 0.0  # as configured: bytes, or a fraction of the cache filesystem below 1
+    min_free_bytes: int = 0  # the free-space floor (cache_min_free) in bytes; 0: none
+    fs_free_bytes: int = 0  # free on the cache filesystem (for non-root: what the floor is compared with)
     queued_uploads: int = 0
     queued_upload_bytes: int = 0
     oldest_queued_upload_at: float | None = None  # time.time() of the oldest entry
@@ -117,14 +118,12 @@ class _GaugeCollector(Collector):
         )
         yield gauge("cached_files", "Files in the cache (cached, local-only and queued)", g.cached_files)
         yield gauge("cache_cap_bytes", "The cache's size cap (--cache-size)", g.cap_bytes)
-        if g.min_free >= 1:
-            yield gauge("cache_min_free_bytes", "Free space kept on the cache filesystem", g.min_free)
-        else:
-            yield gauge(
-                "cache_min_free_ratio",
-                "Free space kept on the cache filesystem, a fraction of it",
-                g.min_free,
-            )
+        yield gauge(
+            "cache_min_free_bytes",
+            "Free space kept on the cache filesystem (cache_min_free)",
+            g.min_free_bytes,
+        )
+        yield gauge("cache_fs_free_bytes", "Free space on the cache filesystem", g.fs_free_bytes)
         yield gauge("upload_queue_files", "Files whose upload is queued", g.queued_uploads)
         yield gauge("upload_queue_bytes", "Bytes of the files whose upload is queued", g.queued_upload_bytes)
         yield gauge(

@@ -484,7 +484,8 @@ async def _serve(parts: _Parts, config: Config) -> bool:
         # A lowered cap, a fuller disk or entries that aged while unmounted: settle them first.
         parts.cache.housekeeping()
         nursery.start_soon(_housekeeping, parts.cache)
-        nursery.start_soon(_publish_gauges, parts)
+        if config.metrics_addr is not None:  # no index reads every second for nobody
+            nursery.start_soon(_publish_gauges, parts)
         nursery.start_soon(_set_read_ahead, config.mountpoint, config.read_ahead, parts.kernel)
         _sd_notify("READY=1")
         watchdog = _watchdog_interval()  # read after daemonizing: WATCHDOG_PID names the process

@@ -192,7 +192,9 @@ def test_the_counters_move_by_exactly_the_operations_done(
     assert files == len(remote) + len(originals) - 1 + 1  # the thumbnail stays cached after its upload
     final = scrape(port)
     assert value(final, "s3cachefs_cache_cap_bytes") == 64 * 1024**2
-    assert value(final, "s3cachefs_cache_min_free_ratio") == pytest.approx(0.05)
+    st = os.statvfs(m.cache_dir)
+    assert value(final, "s3cachefs_cache_min_free_bytes") == int(0.05 * st.f_blocks * st.f_frsize)
+    assert value(final, "s3cachefs_cache_fs_free_bytes") > 0
     assert value(final, "s3cachefs_upload_queue_oldest_age_seconds") == 0
     assert value(final, "s3cachefs_s3_circuit_open") == 0
 

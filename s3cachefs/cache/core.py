@@ -23,7 +23,7 @@ from .download import Downloads
 from .evict import Evictor
 from .policy import Klass, Policies
 from .queue import KeyLocks, Queue
-from .space import Space
+from .space import Space, fs_bytes
 from .states import Change
 from .store import Download, Limits, Store, Writer
 from .write import Writes
@@ -313,11 +313,14 @@ class Cache:
         """What the metrics' gauges show now (published by the event loop for scrapes, which must
         not read the index or this object's changing state from their thread)."""
         uploads, oldest_upload, deletes, oldest_delete = self.index.queue_heads()
+        free, total = fs_bytes(self.store)
+        min_free = self.limits.min_free
         return Gauges(
             cached_bytes=self.store.cached_bytes,
             cached_files=self.store.cached_files,
             cap_bytes=self.limits.cap,
-            min_free=self.limits.min_free,
+            min_free_bytes=int(min_free * total) if min_free < 1 else int(min_free),
+            fs_free_bytes=free,
             queued_uploads=uploads,
             queued_upload_bytes=self.store.queued_bytes,
             oldest_queued_upload_at=oldest_upload,
