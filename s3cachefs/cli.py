@@ -133,6 +133,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         dest="log_file",
         help="log here instead of stderr (daemon default: syslog); SIGHUP reopens it",
     )
+    m.add_argument(
+        "--metrics-addr",
+        dest="metrics_addr",
+        help="serve Prometheus metrics over HTTP at HOST:PORT, e.g. 127.0.0.1:9406 (default: off); "
+        "no authentication: bind it to loopback or a private interface",
+    )
     st = sub.add_parser(
         "status",
         help="show what is in a cache",

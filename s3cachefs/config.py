@@ -247,6 +247,9 @@ class Config:
     log_file: Path | None = None
     # Bytes of async uploads waiting in the queue at most; past it, those files upload at close().
     upload_queue_max: int = 1024**3
+    # (host, port) of the Prometheus endpoint, None: off. No authentication: loopback or a private
+    # interface only (docs/metrics.md).
+    metrics_addr: tuple[str, int] | None = None
 
     def key(self, relpath: str) -> str:
         return s3_key(self.s3.prefix, relpath)
@@ -293,7 +296,18 @@ MOUNT_FILE_KEYS = (
     "gid",
     "log_level",
     "log_file",
+    "metrics_addr",
 )
+
+
+def parse_metrics_addr(text: str) -> tuple[str, int]:
+    """HOST:PORT, or [IPv6]:PORT, of the metrics endpoint."""
+    host, sep, port_s = str(text).strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ConfigError(f"metrics_addr: expected HOST:PORT, e.g. 127.0.0.1:9406, got {text!r}")
+    return host, int(port_s)
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -509,4 +523,7 @@ def build_config(values: Mapping[str, Any]) -> Config:
         kwargs["cache_size"] = cache_size
     if values.get("upload_queue_max") is not None:
         kwargs["upload_queue_max"] = parse_size(values["upload_queue_max"], "upload_queue_max")
+    metrics_addr = _str(values, "metrics_addr")
+    if metrics_addr:
+        kwargs["metrics_addr"] = parse_metrics_addr(metrics_addr)
     return Config(**kwargs)

@@ -24,13 +24,14 @@ import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from .cache import Cache, Download, Writer
 from .index import Index, Node, State, count_files
+from .metrics import Metrics
 from .namespace import Namespace
 from .s3 import AccessDenied, CircuitOpen, NotFound, S3Error
 
@@ -64,12 +65,22 @@ def errno_for(e: BaseException) -> int:
     return errno.EIO
 
 
-def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+Handler = Callable[Concatenate["Operations", P], Coroutine[Any, Any, R]]
+
+
+def _boundary(fn: Handler[P, R]) -> Handler[P, R]:
+    """Errors -> errno (see the module's docstring); and every request's time and errno counted in
+    the metrics, here where Synapse's waits begin and end."""
+    op = fn.__name__
+
     @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(ops: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
+        code: int | None = None
         try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            return await fn(ops, *args, **kwargs)
+        except pyfuse3.FUSEError as e:
+            code = e.errno
             raise
         except (OSError, S3Error, sqlite3.Error) as e:
             code = errno_for(e)
@@ -77,11 +88,14 @@ def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
             # when it opens and closes, not each refused call.
             quiet = code in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY) or isinstance(e, CircuitOpen)
             level = logging.DEBUG if quiet else logging.WARNING
-            log.log(level, "%s: %s", fn.__name__, e)
+            log.log(level, "%s: %s", op, e)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
+            code = errno.EIO
+            log.exception("unexpected error in %s", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            ops.metrics.fuse_request(op, time.perf_counter() - started, code)
 
     return wrapper
 
@@ -104,9 +118,17 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, index: Index, ns: Namespace, cache: Cache, uid: int, gid: int, limiter: trio.CapacityLimiter
+        self,
+        index: Index,
+        ns: Namespace,
+        cache: Cache,
+        uid: int,
+        gid: int,
+        limiter: trio.CapacityLimiter,
+        metrics: Metrics | None = None,
     ):
         super().__init__()
+        self.metrics = metrics if metrics is not None else Metrics()
         self.index = index
         self.ns = ns
         self.cache = cache

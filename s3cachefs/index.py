@@ -388,6 +388,10 @@ class Index:
         row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM nodes WHERE state IN (2, 4, 5)").fetchone()
         return int(row[0])
 
+    def cached_files(self) -> int:
+        row = self.db.execute("SELECT COUNT(*) FROM nodes WHERE state IN (2, 4, 5)").fetchone()
+        return int(row[0])
+
     def queued_bytes(self) -> int:
         row = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM nodes WHERE state=5").fetchone()
         return int(row[0])
@@ -560,6 +564,15 @@ class Index:
             "queued_deletes": de[0],
             "oldest_queued_delete_age": round(now - de[1], 1) if de[1] is not None else 0.0,
         }
+
+    def queue_heads(self) -> tuple[int, float | None, int, float | None]:
+        """For the metrics, once a second: (queued uploads, queued_at of the oldest, queued DELETEs,
+        queued_at of the oldest). Cheap while the queues are short, as they are but for a burst."""
+        up = self.db.execute("SELECT COUNT(*), MIN(queued_at) FROM upload_queue").fetchone()
+        # Ids grow with time: the first row is the oldest (no scan for the MIN).
+        n = self.db.execute("SELECT COUNT(*) FROM delete_queue").fetchone()[0]
+        first = self.db.execute("SELECT queued_at FROM delete_queue ORDER BY id LIMIT 1").fetchone()
+        return int(up[0]), up[1], int(n), first[0] if first else None
 
     def stale_files(self, gen: int) -> Iterator[Node]:
         q = f"SELECT {_COLS} FROM nodes WHERE state IN (?, ?) AND seen<?"

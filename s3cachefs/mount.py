@@ -40,6 +40,7 @@ from .config import Config, ConfigError
 from .errors import EXIT_OK, EXIT_RUNTIME, StartupError, report
 from .fs import Operations
 from .index import Index
+from .metrics import PUBLISH_EVERY, Exporter, Metrics
 from .namespace import Namespace
 from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, SyncS3
 
@@ -62,6 +63,7 @@ class _Parts:
     ops: Operations
     kernel: trio.CapacityLimiter  # threads for calls into the kernel
     listing: bool
+    metrics: Metrics
 
 
 def _setup_logging(config: Config, daemon: bool) -> None:
@@ -308,7 +310,9 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
     limiter = trio.CapacityLimiter(config.s3.threadpool_size)
     index = Index(config.cache_dir / "index.sqlite")
     _check_identity(index, config)
-    s3 = S3(config.s3, limiter)
+    # Recorded whether or not --metrics-addr serves them: the same code paths either way.
+    metrics = Metrics()
+    s3 = S3(config.s3, limiter, metrics=metrics)
     limits = Limits(
         config.cache_size,
         config.cache_min_free,
@@ -323,11 +327,33 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
     # locks). A hung S3 then never holds up a cached read's MD5 check or an invalidation.
     disk = trio.CapacityLimiter(DISK_THREADS)
     kernel = trio.CapacityLimiter(KERNEL_THREADS)
-    cache = Cache(config.cache_dir, index, s3, config.s3.prefix, limits, disk)
+    cache = Cache(config.cache_dir, index, s3, config.s3.prefix, limits, disk, metrics=metrics)
     cache.recover()
     ns = Namespace(index, s3, cache, config.s3.prefix)
-    ops = Operations(index, ns, cache, uid, gid, kernel)
-    return _Parts(index, cache, ns, ops, kernel, config.listing)
+    ops = Operations(index, ns, cache, uid, gid, kernel, metrics)
+    return _Parts(index, cache, ns, ops, kernel, config.listing, metrics)
+
+
+def _bind_metrics(config: Config, metrics: Metrics) -> Exporter | None:
+    """Bind the metrics endpoint, before anything is mounted: a taken or wrong address is a
+    start-up error, not a mount without the metrics it was asked for."""
+    if config.metrics_addr is None:
+        return None
+    host, port = config.metrics_addr
+    try:
+        return Exporter(metrics, host, port)
+    except OSError as e:
+        raise ConfigError(f"metrics_addr {host}:{port}: {e.strerror or e}") from None
+
+
+async def _publish_gauges(parts: _Parts) -> None:
+    """The gauges' snapshot for scrapes, from the event loop (see metrics.py for why)."""
+    while True:
+        try:
+            parts.metrics.gauges = parts.cache.gauges(parts.ns.listing_active, parts.ns.listed_objects)
+        except sqlite3.Error as e:
+            log.debug("could not read the queues for the metrics: %s", e)
+        await trio.sleep(PUBLISH_EVERY)
 
 
 async def _set_read_ahead(mountpoint: Path, nbytes: int, limiter: trio.CapacityLimiter) -> None:
@@ -479,6 +505,8 @@ async def _serve(parts: _Parts, config: Config) -> bool:
         # A lowered cap, a fuller disk or entries that aged while unmounted: settle them first.
         parts.cache.housekeeping()
         nursery.start_soon(_housekeeping, parts.cache)
+        if config.metrics_addr is not None:  # no index reads every second for nobody
+            nursery.start_soon(_publish_gauges, parts)
         nursery.start_soon(_set_read_ahead, config.mountpoint, config.read_ahead, parts.kernel)
         _sd_notify("READY=1")
         watchdog = _watchdog_interval()  # read after daemonizing: WATCHDOG_PID names the process
@@ -507,6 +535,7 @@ def run(config: Config) -> int:
             uid = st.st_uid if config.uid is None else config.uid
             gid = st.st_gid if config.gid is None else config.gid
             parts = _build(config, uid, gid)
+            exporter = _bind_metrics(config, parts.metrics)
             options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
             options |= {f"fsname={_fsname(config)}", "subtype=s3cachefs"}
             if config.allow_other:
@@ -529,6 +558,12 @@ def run(config: Config) -> int:
                 _daemonize()
                 record_pid()
                 _setup_logging(config, daemon=True)
+            if exporter is not None:
+                exporter.start()  # after the fork: the serving thread would not survive it
+                host, port = exporter.address
+                log.info(
+                    "serving metrics at http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port
+                )
             unmount = True
             try:
                 unmount = trio.run(_serve, parts, config)
@@ -537,6 +572,9 @@ def run(config: Config) -> int:
                 pyfuse3.close(unmount=True)
                 parts.index.close()
                 return EXIT_RUNTIME
+            finally:
+                if exporter is not None:
+                    exporter.close()
             pyfuse3.close(unmount=unmount)
             try:
                 parts.cache.flush_atimes()

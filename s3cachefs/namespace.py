@@ -44,6 +44,7 @@ class Namespace:
         # Bounded: a flood of misses cannot grow memory.
         self.negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=10_000, ttl=NEGATIVE_TTL)
         self.listing_active = False
+        self.listed_objects = 0  # by the running listing, or the last one (for the metrics)
         self.listed = trio.Event()  # set once a full listing has completed in this process
         self.skipped_keys = 0
         # Set by fs.Operations: tells the kernel to forget a name/inode that changed behind our back.
@@ -144,6 +145,7 @@ class Namespace:
         self.index.listing_gen = gen
         self.listing_active = True
         self.skipped_keys = 0
+        self.listed_objects = 0
         dirs: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=4096)
         started = time.monotonic()
         count = 0
@@ -157,6 +159,7 @@ class Namespace:
                 finally:
                     self.index.commit()
                 count += len(objs)
+                self.listed_objects = count
             dropped = 0
             self.index.begin()
             try:

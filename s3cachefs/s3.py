@@ -32,6 +32,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -44,6 +45,7 @@ import botocore.handlers
 import trio
 
 from .config import S3Options
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -191,6 +193,20 @@ def s3_answered(e: BaseException) -> bool:
         seen.add(id(cur))
         cur = cur.__cause__
     return False
+
+
+def _outcome(e: S3Error) -> str:
+    """The `outcome` label of a failed S3 request (s3cachefs_s3_requests_total)."""
+    for cls, name in (
+        (NotFound, "not_found"),
+        (AccessDenied, "denied"),
+        (IntegrityError, "integrity"),
+        (LocalWriteError, "local_write"),
+        (Unavailable, "unavailable"),
+    ):
+        if isinstance(e, cls):
+            return name
+    return "error"
 
 
 @contextlib.contextmanager
@@ -531,6 +547,7 @@ class MultipartUpload:
                 f"UploadPart {self.key} #{number}", send, length, until=self.until
             )
             self.nbytes += length
+            s3.metrics.s3_sent_bytes.inc(length)
 
     async def complete(self) -> str:
         upload_id = self.upload_id
@@ -651,8 +668,15 @@ class S3:
     """The mount's S3: SyncS3's calls in trio worker threads, behind one CapacityLimiter, each under
     a deadline, all behind one circuit breaker (start `run`, its probe, in the mount's nursery)."""
 
-    def __init__(self, opts: S3Options, limiter: trio.CapacityLimiter, client: S3Client | None = None):
+    def __init__(
+        self,
+        opts: S3Options,
+        limiter: trio.CapacityLimiter,
+        client: S3Client | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.sync = SyncS3(opts, client)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.opts = opts
         self.bucket = opts.bucket
         self.client = self.sync.client
@@ -688,9 +712,14 @@ class S3:
         its deadline still waiting for a slot says nothing about S3 (every slot may be busy with
         large transfers), so that one fails without opening the circuit.
         """
-        trial = self.breaker.admit(what)
+        op = what.split(" ", 1)[0]
+        try:
+            trial = self.breaker.admit(what)
+        except CircuitOpen:
+            self.metrics.s3_request(op, "refused", None)
+            raise
         # Counted here, in the event loop, per logical call sent (botocore's retries are not counted).
-        self.calls[what.split(" ", 1)[0]] += 1
+        self.calls[op] += 1
         dl = deadline if deadline is not None else self.deadline(nbytes, until)
         sent = False  # set by the worker thread as it starts the call
 
@@ -699,6 +728,8 @@ class S3:
             sent = True
             return self.sync.call(what, fn)
 
+        started = time.monotonic()
+        outcome = "ok"
         try:
             with trio.CancelScope(shield=True, deadline=dl.at) as scope:
                 dl.scope = scope
@@ -711,19 +742,26 @@ class S3:
                     )
                 raise DeadlineMissed(f"{what}: no answer from S3 within {took:.1f} s (s3_deadline)")
         except DeadlineMissed as e:
+            outcome = "deadline"
             if sent:
                 self.breaker.unreachable(str(e))
             raise
         except Unreachable as e:
+            outcome = "unreachable"
             self.breaker.unreachable(str(e))
             raise
         except S3Error as e:
+            outcome = _outcome(e)
             if s3_answered(e):
                 self.breaker.answered(what)
+            raise
+        except BaseException:
+            outcome = "error"
             raise
         finally:
             if trial:
                 self.breaker.trial_done()
+            self.metrics.s3_request(op, outcome, time.monotonic() - started)
         self.breaker.answered(what)
         return result
 
@@ -826,7 +864,9 @@ class S3:
         """
         size = os.stat(path).st_size
         if not self.sync.is_multipart(size):
-            return await self._run(f"PUT {key}", functools.partial(self.sync.put_single, key, path), size)
+            info = await self._run(f"PUT {key}", functools.partial(self.sync.put_single, key, path), size)
+            self.metrics.s3_sent_bytes.inc(info.size)
+            return info
         return await self._put_multipart(key, path, size)
 
     async def _put_multipart(self, key: str, path: str, size: int) -> ObjectInfo:
@@ -942,6 +982,7 @@ class S3:
             with handoff:
                 gone = True
             progress(got)  # the bytes that landed, also when the GET failed part way
+            self.metrics.s3_received_bytes.inc(got)
 
     async def get_bytes(self, key: str, start: int, size: int, if_match: str) -> bytes:
         """GET bytes [start, start + size) of that version of `key` into memory (size is bounded by
@@ -957,7 +998,9 @@ class S3:
                 raise IntegrityError(f"GET {key}: got {len(data)} bytes, S3 said {r['ContentLength']}")
             return data
 
-        return await self._run(f"GET {key}", fn, size)
+        data = await self._run(f"GET {key}", fn, size)
+        self.metrics.s3_received_bytes.inc(len(data))
+        return data
 
     async def delete(self, key: str) -> None:
         await self._run(f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=key))

@@ -2,13 +2,17 @@
 
 PATH is a mount point (its cache directory is read from the mount's source in /proc/mounts, which
 the daemon sets to `s3cachefs:CACHE_DIR`) or a cache directory. The daemon saves its counters to the
-index every few seconds, so figures of a running mount are at most that old.
+index every few seconds, and at once on SIGUSR1: status sends it one and waits (LIVE_WAIT at most)
+until the index's count of saves moves, so the figures of a running mount are those of the moment
+it was asked. Where it cannot signal the daemon (another user's), it shows the last saved ones
+(`live` false), at most a few seconds old.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -19,6 +23,10 @@ from . import procmounts
 from .config import ConfigError
 from .errors import EXIT_OK
 from .index import Index
+
+# How long status waits for a running daemon to save its counters (it does so between two requests;
+# a daemon so busy that it takes longer has its last saved figures shown).
+LIVE_WAIT = 2.0
 
 
 def cache_dir_of(path: Path) -> Path:
@@ -54,10 +62,45 @@ def _daemon_pid(cache_dir: Path) -> int | None:
     return pid if b"s3cachefs" in cmdline else None
 
 
+def _lock_held(lock: Path) -> bool:
+    """Does a process hold the flock() of this lock file (per /proc/locks, which takes no lock)?"""
+    try:
+        st = os.stat(lock)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return False
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2171217 0 EOF"; waiters have "->" after the number.
+    return any(f[1] == "FLOCK" and f[5] == want for f in (line.split() for line in lines) if len(f) > 5)
+
+
+def _ask_to_save(index: Index, cache_dir: Path, pid: int | None) -> bool:
+    """Have the daemon save its counters now (SIGUSR1) and wait until it has: True if it did.
+
+    Only a pid whose cache directory is locked is signalled: SIGUSR1 ends a process that does not
+    handle it, and the pid in a stale lock file may have been reused."""
+    if pid is None or not _lock_held(cache_dir / "lock"):
+        return False
+    before = index.get_meta("saves")
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:  # not ours to signal (PermissionError), or it just exited
+        return False
+    # Any save after this point was made after we were asked: it holds what we were asked for.
+    deadline = time.monotonic() + LIVE_WAIT
+    while time.monotonic() < deadline:
+        if index.get_meta("saves") != before:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def collect(path: Path) -> dict[str, Any]:
     cache_dir = cache_dir_of(path)
+    pid = _daemon_pid(cache_dir)
     index = Index(cache_dir / "index.sqlite", readonly=True)
     try:
+        live = _ask_to_save(index, cache_dir, pid)
         summary = index.cache_summary()
         queues = index.queue_summary(time.time())
         stats = json.loads(index.get_meta("stats") or "{}")
@@ -70,7 +113,8 @@ def collect(path: Path) -> dict[str, Any]:
     return {
         "cache_dir": str(cache_dir),
         "source": identity,
-        "pid": _daemon_pid(cache_dir),
+        "pid": pid,
+        "live": live,
         "cap_bytes": limits.get("cap"),
         "min_free": limits.get("min_free"),
         "cached_files": summary.get("cached_files", 0),
@@ -105,6 +149,13 @@ def _size(n: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+def _daemon_line(s: dict[str, Any]) -> str:
+    if not s["pid"]:
+        return "not running"
+    figures = "live figures" if s["live"] else "figures as last saved (could not ask it to save them now)"
+    return f"running, pid {s['pid']}; {figures}"
+
+
 def render(s: dict[str, Any]) -> str:
     in_cache = s["cached_bytes"] + s["local_only_bytes"] + s["queued_bytes"]
     cap = s["cap_bytes"]
@@ -115,7 +166,7 @@ def render(s: dict[str, Any]) -> str:
     lines = [
         f"cache directory  {s['cache_dir']}",
         f"source           {s['source'] or '?'}",
-        f"daemon           {'running, pid ' + str(s['pid']) if s['pid'] else 'not running'}",
+        f"daemon           {_daemon_line(s)}",
         f"in cache         {_size(in_cache)}{pct}, cap {_size(cap)}, free-space floor {floor}",
         f"  cached         {s['cached_files']} files, {_size(s['cached_bytes'])} (also in S3)",
         f"  local-only     {s['local_only_files']} files, {_size(s['local_only_bytes'])} (never uploaded)",

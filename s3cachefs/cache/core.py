@@ -16,13 +16,14 @@ from typing import Any
 import trio
 
 from ..index import Index, Node, State
+from ..metrics import Gauges, Metrics
 from ..s3 import S3
 from . import states
 from .download import Downloads
 from .evict import Evictor
 from .policy import Klass, Policies
 from .queue import KeyLocks, Queue
-from .space import Space
+from .space import Space, fs_bytes
 from .states import Change
 from .store import Download, Limits, Store, Writer
 from .write import Writes
@@ -40,13 +41,15 @@ class Cache:
         limits: Limits,
         disk: trio.CapacityLimiter,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ):
         """`disk`: the worker threads for local disk work (hashes, copies, fsync, unlinks), apart
-        from the S3 calls' own, so that a hung S3 never holds up a cached read."""
+        from the S3 calls' own, so that a hung S3 never holds up a cached read. `metrics`: where the
+        cache's counters also go (store.stats)."""
         self.limits = limits
         self.index = index
         self.s3 = s3
-        self.store = Store(root, index, prefix, clock)
+        self.store = Store(root, index, prefix, clock, metrics)
         self.policies = Policies(limits.policies, limits.default_max_age)
         self.space = Space(self.store)
         self.evictor = Evictor(self.store, limits, disk)
@@ -316,6 +319,28 @@ class Cache:
             **self.index.queue_summary(self.store.clock()),
             **{f"stat_{k}": v for k, v in self.counters().items()},
         }
+
+    def gauges(self, listing_running: bool, listed_objects: int) -> Gauges:
+        """What the metrics' gauges show now (published by the event loop for scrapes, which must
+        not read the index or this object's changing state from their thread)."""
+        uploads, oldest_upload, deletes, oldest_delete = self.index.queue_heads()
+        free, total = fs_bytes(self.store)
+        min_free = self.limits.min_free
+        return Gauges(
+            cached_bytes=self.store.cached_bytes,
+            cached_files=self.store.cached_files,
+            cap_bytes=self.limits.cap,
+            min_free_bytes=int(min_free * total) if min_free < 1 else int(min_free),
+            fs_free_bytes=free,
+            queued_uploads=uploads,
+            queued_upload_bytes=self.store.queued_bytes,
+            oldest_queued_upload_at=oldest_upload,
+            queued_deletes=deletes,
+            oldest_queued_delete_at=oldest_delete,
+            listing_running=listing_running,
+            listed_objects=listed_objects,
+            circuit_open=self.s3.breaker.is_open,
+        )
 
     def counters(self) -> Counter[str]:
         """Cumulative counters (across restarts), S3 calls per operation included."""

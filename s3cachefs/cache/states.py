@@ -1,9 +1,9 @@
 """The cache state of a file row, and the only functions that change it.
 
 Each function below is one edge of the diagram. It changes the row and, in the same step, what
-depends on it: `cached_bytes` (the sum of the sizes of CACHED and LOCAL rows), the data file, the
-`doomed` table (eviction), the verified set and the content version (which makes open read handles
-drop bytes of another version). Callers choose how the row change is committed, through `write`:
+depends on it: `cached_bytes` and `cached_files` (the sum of the sizes, and the number, of CACHED,
+LOCAL and QUEUED rows), the data file, the `doomed` table (eviction), the verified set and the
+content version (which makes open read handles drop bytes of another version). Callers choose how the row change is committed, through `write`:
 `space.index_write` when S3 was already changed and the index must follow whatever it takes (a full
 disk is relieved and it is tried again), `transaction` for one commit of several statements, and
 `direct` inside a transaction the caller holds. The accounting is applied only once the change is
@@ -84,6 +84,7 @@ def _uncount(store: Store, node: Node | None) -> None:
     """The row's bytes leave the accounting (it is about to hold another version, or none)."""
     if node is not None and node.state in IN_CACHE:
         store.cached_bytes -= node.size
+        store.cached_files -= 1
     if node is not None and node.state == State.QUEUED:
         store.queued_bytes -= node.size
 
@@ -116,6 +117,7 @@ def cached(
     _uncount(store, before)
     store.verified[ino] = True
     store.cached_bytes += size
+    store.cached_files += 1
 
 
 def local(store: Store, write: Write, ino: int, size: int, mtime_ns: int, md5: str) -> None:
@@ -131,6 +133,7 @@ def local(store: Store, write: Write, ino: int, size: int, mtime_ns: int, md5: s
     _uncount(store, before)
     store.verified[ino] = True
     store.cached_bytes += size
+    store.cached_files += 1
 
 
 def queued(store: Store, write: Write, ino: int, size: int, mtime_ns: int, md5: str) -> None:
@@ -155,6 +158,7 @@ def queued(store: Store, write: Write, ino: int, size: int, mtime_ns: int, md5: 
     _uncount(store, before)
     store.verified[ino] = True
     store.cached_bytes += size
+    store.cached_files += 1
     store.queued_bytes += size
 
 
@@ -204,6 +208,7 @@ def requeued(store: Store, write: Write, ino: int, size: int) -> None:
     store.content_replaced(ino)
     write(lambda: store.index.set_state(ino, State.QUEUED))
     store.cached_bytes += size
+    store.cached_files += 1
     store.queued_bytes += size
 
 
@@ -224,6 +229,7 @@ def reverted(store: Store, write: Write, ino: int, prev: tuple[int, str] | None,
     write(lambda: store.index.set_object(ino, state, size, etag, mtime, store.index.listing_gen))
     if state == State.CACHED:
         store.cached_bytes += size
+        store.cached_files += 1
     return False
 
 
@@ -264,6 +270,7 @@ def demoted(store: Store, ino: int) -> None:
     else:
         store.index.set_state(ino, State.REMOTE)
     store.cached_bytes -= node.size
+    store.cached_files -= 1
 
 
 def replaced(store: Store, ino: int, size: int, etag: str | None, mtime_ns: int, gen: int) -> None:
@@ -272,6 +279,7 @@ def replaced(store: Store, ino: int, size: int, etag: str | None, mtime_ns: int,
     node = store.index.get(ino)
     if node is not None and node.state in IN_CACHE:
         store.cached_bytes -= node.size
+        store.cached_files -= 1
     store.unlink_data(ino)
     store.content_replaced(ino)
     store.index.set_object(ino, State.REMOTE, size, etag, mtime_ns, gen)
@@ -292,6 +300,7 @@ def dropped(store: Store, write: Write, ino: int, also: Change | None = None) ->
     write(change)
     if node is not None and node.state in IN_CACHE:
         store.cached_bytes -= node.size
+        store.cached_files -= 1
     if node is not None and node.state == State.QUEUED:
         store.queued_bytes -= node.size
     store.unlink_data(ino)
@@ -307,6 +316,7 @@ def evicted(store: Store, victims: list[tuple[int, int, State]]) -> None:
         store.index.evict(victims)
     freed = sum(size for _, size, _ in victims)
     store.cached_bytes -= freed
+    store.cached_files -= len(victims)
     store.stats["evictions"] += len(victims)
     store.stats["evicted_bytes"] += freed
 

@@ -14,7 +14,8 @@ download of a cold file (one per inode, shared by all its readers). An inode in 
 and its data file is never removed by the reaper.
 
 The accounting lives here too, but only states.py (and eviction, through states.py) changes
-`cached_bytes`: it is the sum of the sizes of the CACHED and LOCAL rows.
+`cached_bytes` and `cached_files`: the sum of the sizes, and the number, of the CACHED, LOCAL and
+QUEUED rows.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import trio
 
 from ..config import PathPolicy
 from ..index import Index, Node
+from ..metrics import Metrics
 from ..s3 import MultipartUpload
 
 # Flush access times to the index when this many are pending (and at every eviction pass and every
@@ -204,7 +206,14 @@ class Writer:
 class Store:
     """Paths and placing files; the registry of pins, writers and downloads; the accounting."""
 
-    def __init__(self, root: Path, index: Index, prefix: str, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        root: Path,
+        index: Index,
+        prefix: str,
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
+    ):
         self.root = root
         self.data_dir = root / "data"
         self.tmp_dir = root / "tmp"
@@ -233,9 +242,11 @@ class Store:
         self.nursery: trio.Nursery | None = None
         # -- the accounting (changed through states.py)
         self.cached_bytes = index.cached_bytes()
+        self.cached_files = index.cached_files()  # the rows that cached_bytes sums (for the metrics)
         self.pending_bytes = 0  # bytes of evicted files the reaper has yet to unlink
         self.queued_bytes = index.queued_bytes()  # bytes of QUEUED rows (the queue's bound)
-        self.stats: Counter[str] = Counter()
+        # Also counted by the metrics (metrics.Stats).
+        self.stats: Counter[str] = (metrics if metrics is not None else Metrics()).stats()
         for d in (self.data_dir, self.tmp_dir, self.trash_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             if d.is_symlink():  # mkdir(exist_ok) accepts a symlink to a directory: never follow one
