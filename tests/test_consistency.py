@@ -200,3 +200,24 @@ def test_past_the_ttl_an_unreachable_s3_leaves_the_index_answering(
     assert wait_until(asked_s3, NOTICE)
     assert (m.path / key).read_bytes() == b"cached here"
     assert read_or_errno(m.path / "local_content/ab/cd/never") == errno.ENOENT
+
+
+def test_files_written_through_the_ttl_mount_are_not_fetched_again_after_the_ttl(
+    make_mount: MakeMount,
+) -> None:
+    # The ETag our PUT (or multipart upload) returned must be the one a HEAD returns, or every
+    # file we wrote would look replaced once the TTL passes, and be downloaded again.
+    m = make_mount(extra_args=TTL)
+    os.makedirs(m.path / "local_content/ab/cd")
+    files = {"local_content/ab/cd/small": os.urandom(1000), "local_content/ab/cd/large": os.urandom(20 * MiB)}
+    for rel, data in files.items():
+        (m.path / rel).write_bytes(data)
+    before = s3_calls(m)
+
+    def revalidated() -> bool:
+        for rel, data in files.items():
+            assert (m.path / rel).read_bytes() == data
+        return s3_calls(m).get("HEAD", 0) >= before.get("HEAD", 0) + len(files)
+
+    assert wait_until(revalidated, NOTICE)
+    assert s3_calls(m).get("GET", 0) == before.get("GET", 0), "no file was downloaded again"
