@@ -79,7 +79,20 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         dest="listing",
         action="store_false",
         default=None,
-        help="do not list the bucket at mount: trust the index (when nothing else writes to the bucket)",
+        help="do not list the bucket at mount, nor again every --relist-interval: trust the index "
+        "(when nothing else writes to the bucket)",
+    )
+    m.add_argument(
+        "--metadata-ttl",
+        dest="metadata_ttl",
+        help="how long to trust what the index says about a name (there or not, its version) before "
+        "asking S3 again, e.g. 10s; for buckets others write to while mounted (default: unlimited)",
+    )
+    m.add_argument(
+        "--relist-interval",
+        dest="relist_interval",
+        help="list the bucket again this often, to find objects others added, replaced or deleted "
+        "(default 1h; 0 or off: only at mount)",
     )
     m.add_argument("-f", "--foreground", action="store_true", default=None, help="do not daemonize")
     m.add_argument(

@@ -236,6 +236,12 @@ class Config:
     policies: tuple[PathPolicy, ...] = DEFAULT_POLICIES
     # List the whole prefix in the background at every mount, to see what others changed in the bucket.
     listing: bool = True
+    # Seconds the mount trusts its index about a name (there or not, its ETag) before asking S3 again;
+    # None: for ever (only this mount writes to the bucket). mountpoint-s3's --metadata-ttl.
+    metadata_ttl: float | None = None
+    # Seconds between two background listings after the mount's first (None: only the first). Off
+    # with `listing`.
+    relist_interval: float | None = 3600.0
     # Kernel read-ahead of the mount (bytes; 0 keeps the kernel's 128 KiB). Also the largest read
     # request the kernel sends us: 1 MiB means 8 times fewer round trips than the default.
     read_ahead: int = 1024 * 1024
@@ -289,6 +295,8 @@ MOUNT_FILE_KEYS = (
     "cache_policy",
     "upload_queue_max",
     "listing",
+    "metadata_ttl",
+    "relist_interval",
     "read_ahead",
     "s3_deadline",
     "allow_other",
@@ -388,6 +396,21 @@ def _seconds(values: Mapping[str, Any], name: str, positive: bool) -> float | No
     if positive and secs <= 0:
         raise ConfigError(f"{name}: must be more than zero, got {v!r}")
     return secs
+
+
+def _ttl(values: Mapping[str, Any], name: str, default: float | None, off: tuple[str, ...]) -> float | None:
+    """A duration, or one of the words in `off` (None: unlimited, or never)."""
+    v = values.get(name)
+    if v is None:
+        return default
+    if isinstance(v, str) and v.strip().lower() in off:
+        return None
+    try:
+        return parse_duration(v, name)
+    except ConfigError:
+        raise ConfigError(
+            f"{name}: expected a duration such as 30s or 5m, or {' or '.join(off)}, got {v!r}"
+        ) from None
 
 
 # S3's rule is 3-63 characters; some S3 servers allow capitals and underscores, so allow those too.
@@ -510,6 +533,9 @@ def build_config(values: Mapping[str, Any]) -> Config:
         "policies": policies,
         "foreground": bool(_bool(values, "foreground")),
         "listing": _bool(values, "listing") is not False,
+        "metadata_ttl": _ttl(values, "metadata_ttl", None, ("unlimited", "indefinite")),
+        # 0 turns the relisting off as well.
+        "relist_interval": _ttl(values, "relist_interval", Config.relist_interval, ("off", "never")) or None,
         "read_ahead": parse_size(values["read_ahead"], "read_ahead")
         if values.get("read_ahead") is not None
         else 1024 * 1024,

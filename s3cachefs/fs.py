@@ -26,13 +26,14 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import cachetools
 import pyfuse3
 import trio
 
 from .cache import Cache, Download, Writer
 from .index import Index, Node, State, count_files
 from .metrics import Metrics
-from .namespace import Namespace
+from .namespace import Freshness, Namespace
 from .s3 import AccessDenied, CircuitOpen, NotFound, S3Error
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ R = TypeVar("R")
 # Media files are written once and changed only through this mount, which the kernel sees; long
 # kernel caching of names and attributes is therefore safe and saves a FUSE round trip per stat.
 # The rare change behind our back (found by the background listing) invalidates the kernel's copy.
+# With a metadata TTL (--metadata-ttl) the kernel keeps them no longer than the TTL: a name it
+# trusts is one it never asks us about, so we could not check it against S3.
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
 # Misses are cached briefly: Synapse asks for legacy thumbnail names and missing files repeatedly,
@@ -142,6 +145,14 @@ class Operations(pyfuse3.Operations):
         self._totals_at = -math.inf
         self._totals_refreshing = False
         ns.on_changed = self._invalidate_soon
+        ttl = ns.metadata_ttl
+        self.entry_timeout = ENTRY_TIMEOUT if ttl is None else min(ENTRY_TIMEOUT, ttl)
+        self.attr_timeout = ATTR_TIMEOUT if ttl is None else min(ATTR_TIMEOUT, ttl)
+        self.negative_timeout = NEGATIVE_TIMEOUT if ttl is None else min(NEGATIVE_TIMEOUT, ttl)
+        # The content version (Cache.content_version) of each inode's last read-only open: the
+        # kernel's pages are of that version, and an open at another drops them (keep_cache off).
+        # Bounded; an inode that falls out keeps its pages at its next open, as before this existed.
+        self._kernel_version: cachetools.LRUCache[int, int] = cachetools.LRUCache(maxsize=100_000)
 
     def _invalidate_soon(self, ino: int, gone: Node | None) -> None:
         """An object changed or vanished behind our back: drop the kernel's cached name/attrs/pages."""
@@ -155,8 +166,8 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
-        a.entry_timeout = ENTRY_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = self.attr_timeout
         mtime = node.mtime_ns
         if node.is_dir:
             a.st_mode = stat.S_IFDIR | 0o755
@@ -200,7 +211,7 @@ class Operations(pyfuse3.Operations):
             # Inode 0: a negative entry the kernel may keep for entry_timeout (libfuse's convention).
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
-            negative.entry_timeout = NEGATIVE_TIMEOUT
+            negative.entry_timeout = self.negative_timeout
             return negative
         return self._attr(node)
 
@@ -375,8 +386,10 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.is_dir:
             raise OSError(errno.EISDIR, "open")
-        h = _Handle(inode, size=node.size, version=self.cache.content_version(inode))
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if not writing and self.ns.stale(inode):
+            node = await self._revalidate(node)
+        h = _Handle(inode, size=node.size, version=self.cache.content_version(inode))
         if writing:
             h.writer = await self.cache.start_write(node, truncate=bool(flags & os.O_TRUNC))
             h.writer.handles += 1
@@ -389,8 +402,32 @@ class Operations(pyfuse3.Operations):
                 w.shared = True
         fh = self._new_handle(h)
         # Keep the kernel's page cache across read-only opens: every change to a file goes through
-        # this mount (and so through the kernel), and a write-open below drops it.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=not writing)
+        # this mount (and so through the kernel), and a write-open below drops it. An object
+        # replaced behind our back since the last open (Namespace.refresh, the listing) is the
+        # exception: its old pages would be served, even at the same size and mtime.
+        # (A write-open drops them too, and its writes then fill the page cache with its version.)
+        version = self.cache.content_version(inode)
+        keep = not writing and self._kernel_version.get(inode, version) == version
+        self._kernel_version[inode] = version
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    async def _revalidate(self, node: Node) -> Node:
+        """Open past the metadata TTL: is the object still the version the index (and the kernel)
+        knows? A replaced one is opened at its new version, a deleted one is ENOENT."""
+        try:
+            fresh = await self.ns.refresh(node.ino)
+        except S3Error as e:
+            # As in lookup: a cached copy is still worth serving while S3 does not answer.
+            log.debug("open of inode %d: not revalidated (%s)", node.ino, e)
+            return node
+        if fresh == Freshness.GONE:
+            raise OSError(errno.ENOENT, f"inode {node.ino} was deleted behind our back")
+        if fresh == Freshness.CHANGED:
+            # The kernel still holds the old size, and would cut reads of the new version to it:
+            # it must forget it before this open is answered, not in the background. (Waited for
+            # in a thread: the kernel may need an answer from this loop to get there.)
+            await trio.to_thread.run_sync(_invalidate, node.ino, None, limiter=self.limiter)
+        return self._node(node.ino)
 
     @_boundary
     async def create(
@@ -415,6 +452,7 @@ class Operations(pyfuse3.Operations):
         h.writer = writer
         h.writer.handles += 1
         fh = self._new_handle(h)
+        self._kernel_version[node.ino] = self.cache.content_version(node.ino)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attr(node)
 
     @_boundary

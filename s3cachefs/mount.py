@@ -329,7 +329,7 @@ def _build(config: Config, uid: int, gid: int) -> _Parts:
     kernel = trio.CapacityLimiter(KERNEL_THREADS)
     cache = Cache(config.cache_dir, index, s3, config.s3.prefix, limits, disk, metrics=metrics)
     cache.recover()
-    ns = Namespace(index, s3, cache, config.s3.prefix)
+    ns = Namespace(index, s3, cache, config.s3.prefix, config.metadata_ttl, config.relist_interval)
     ops = Operations(index, ns, cache, uid, gid, kernel, metrics)
     return _Parts(index, cache, ns, ops, kernel, config.listing, metrics)
 

@@ -1,18 +1,28 @@
 """The namespace: names -> index rows, kept in step with the bucket.
 
 Lookups of known names never touch S3. A miss in a directory whose listing is complete is a plain
-ENOENT. A miss elsewhere (a new cache, or a directory not listed yet) costs one HEAD (plus one LIST of
+ENOENT. (Both unless a metadata TTL is set: see below.) A miss elsewhere (a new cache, or a directory not listed yet) costs one HEAD (plus one LIST of
 at most one key when there is no such object, to see whether the name is a directory implied by
 deeper keys), and an answer of "missing" is remembered for a few seconds.
 
-A full listing runs in the background at every mount: it adds objects written by others, updates
-objects replaced behind our back, and drops rows of objects deleted behind our back.
+A full listing runs in the background at every mount, and again every relist_interval: it adds
+objects written by others, updates objects replaced behind our back, and drops rows of objects deleted
+behind our back.
+
+With a finite metadata_ttl (--metadata-ttl), what the index says about a name is trusted for that long
+only, for buckets that others write to while we are mounted (a standby host's mount, `s3cachefs
+import`, the provider's upload job). Past it: a miss in a complete directory asks S3 (a HEAD, under the
+negative cache), a known file is looked up again (HEAD, at lookup and at open) and its row follows
+(states.replaced, or dropped if it is gone), and opendir lists the directory again. The default is no
+TTL: none of these requests are made, so Synapse's reactor thread never waits on S3 for them. When
+each row was last checked is kept in memory only (a bounded cache): a restart checks everything once.
 
 Errors are raised as OSError with an errno (or S3Error from s3.py); fs.py turns them into FUSEError.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import sqlite3
@@ -29,6 +39,17 @@ from .s3 import S3, ObjectInfo, S3Error
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 5.0
+# Rows and directories whose check against S3 is remembered (metadata_ttl): a row that falls out is
+# only checked once more than needed.
+VALIDATED_MAX = 100_000
+
+
+class Freshness(enum.Enum):
+    """What a refresh found in S3 for a file's row."""
+
+    SAME = "same"  # S3 holds the version the index knows (or the row is ours to say: being written)
+    CHANGED = "changed"  # another version: the row now describes it
+    GONE = "gone"  # no object any more: the row was dropped
 
 
 def _err(code: int, what: str) -> OSError:
@@ -36,19 +57,43 @@ def _err(code: int, what: str) -> OSError:
 
 
 class Namespace:
-    def __init__(self, index: Index, s3: S3, cache: Cache, prefix: str):
+    def __init__(
+        self,
+        index: Index,
+        s3: S3,
+        cache: Cache,
+        prefix: str,
+        metadata_ttl: float | None = None,
+        relist_interval: float | None = None,
+    ):
+        """metadata_ttl: seconds the index is trusted about a name before S3 is asked again (None:
+        for ever, the default). relist_interval: seconds between two full listings after the first
+        (None: the listing runs once per mount)."""
         self.index = index
         self.s3 = s3
         self.cache = cache
         self.prefix = prefix
-        # Bounded: a flood of misses cannot grow memory.
-        self.negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=10_000, ttl=NEGATIVE_TTL)
+        self.metadata_ttl = metadata_ttl
+        self.relist_interval = relist_interval
+        # Bounded: a flood of misses cannot grow memory. An absence is not trusted for longer than
+        # a presence.
+        negative_ttl = NEGATIVE_TTL if metadata_ttl is None else min(NEGATIVE_TTL, metadata_ttl)
+        self.negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=10_000, ttl=negative_ttl)
+        # Inodes (files, and directories for opendir) checked against S3 within the last
+        # metadata_ttl seconds; unused without a TTL.
+        self.validated: cachetools.TTLCache[int, bool] = cachetools.TTLCache(
+            maxsize=VALIDATED_MAX, ttl=metadata_ttl if metadata_ttl is not None else 0
+        )
+        # One HEAD per inode at a time, however many lookups and opens ask.
+        self._refreshing: dict[int, trio.Event] = {}
         self.listing_active = False
         self.listed_objects = 0  # by the running listing, or the last one (for the metrics)
         self.listed = trio.Event()  # set once a full listing has completed in this process
         self.skipped_keys = 0
         # Set by fs.Operations: tells the kernel to forget a name/inode that changed behind our back.
         self.on_changed: Callable[[int, Node | None], None] = lambda ino, gone: None
+        # A GET refused with 412 (If-Match) means the index holds an old version: learn the new one.
+        cache.downloads.on_changed = self.refresh
 
     def relpath_of(self, parent: int, name: bytes) -> str:
         base = self.index.relpath(parent)
@@ -68,26 +113,46 @@ class Namespace:
     async def lookup(self, parent: int, name: bytes) -> Node | None:
         node = self.index.lookup(parent, name)
         if node is not None:
-            return node
+            if node.is_dir or not self.stale(node.ino):
+                return node
+            try:
+                if await self.refresh(node.ino) == Freshness.GONE:
+                    return None
+            except S3Error as e:
+                # Synapse takes any error of a stat for "missing" (and 404s, or fetches it again):
+                # while S3 does not answer, the index's answer is the better one.
+                log.debug("lookup of %s: serving the index's answer, S3 did not give one (%s)", name, e)
+            return self.index.lookup(parent, name)
         pnode = self.dir_node(parent)
-        if pnode.complete or len(name) > NAME_MAX or name in (b".", b".."):
+        if len(name) > NAME_MAX or name in (b".", b".."):
+            return None
+        if pnode.complete and self.metadata_ttl is None:
             return None
         try:
             name.decode("utf-8")
         except UnicodeDecodeError:
             return None  # no object key can have this name
         rel = self.relpath_of(parent, name)
+        if pnode.complete and self.cache.klass(rel).local_only:
+            return None  # never in S3, whoever else writes to the bucket
         if rel in self.negative or self.cache.delete_pending(rel) or self.cache.delete_pending(rel + "/"):
             return None  # a name whose DELETE is queued stays deleted, whatever S3 still says
         key = self.prefix + rel
-        info = await self.s3.head(key)
-        is_dir = info is None and await self.s3.has_prefix(key + "/")
+        try:
+            info = await self.s3.head(key)
+            is_dir = info is None and await self.s3.has_prefix(key + "/")
+        except S3Error as e:
+            if not pnode.complete:
+                raise
+            # Asked only because of the metadata TTL: the index's "no such name" stands (see above).
+            log.debug("lookup of %s: serving the index's answer, S3 did not give one (%s)", rel, e)
+            return None
         # The awaits let other requests run: the name may have been created meanwhile.
         node = self.index.lookup(parent, name)
         if node is not None:
             return node
         if info is not None:
-            return self.index.add_file(
+            node = self.index.add_file(
                 parent,
                 name,
                 State.REMOTE,
@@ -97,6 +162,8 @@ class Namespace:
                 self.index.listing_gen,
                 self.cache.klass(rel).columns,
             )
+            self._checked(node.ino)
+            return node
         if is_dir:
             return self.index.add_dir(parent, name, complete=False)
         self.negative[rel] = True
@@ -105,8 +172,10 @@ class Namespace:
     async def ensure_listed(self, ino: int) -> None:
         """Make the index authoritative for the children of directory `ino` (one delimited LIST)."""
         node = self.dir_node(ino)
-        if node.complete:
+        if node.complete and not self.stale(ino):
             return
+        # Past the metadata TTL a complete directory is listed again: names others added since are
+        # added (those they removed go at their next lookup, or at the next full listing).
         rel = self.index.relpath(ino)
         dir_prefix = self.prefix + (rel + "/" if rel else "")
         async for objs, prefixes in self.s3.list_pages(dir_prefix, delimiter="/"):
@@ -136,6 +205,73 @@ class Namespace:
                     self.index.add_dir(ino, name, complete=False)
         if self.index.get(ino) is not None:
             self.index.set_complete(ino)
+            self._checked(ino)
+
+    # -- the metadata TTL ---------------------------------------------------------------------------
+
+    def stale(self, ino: int) -> bool:
+        """Past the metadata TTL since S3 was last asked about this inode (never without a TTL)."""
+        return self.metadata_ttl is not None and ino not in self.validated
+
+    def _checked(self, ino: int) -> None:
+        if self.metadata_ttl is not None:
+            self.validated[ino] = True
+
+    def _being_written(self, ino: int) -> bool:
+        """A write holds or is making a staging copy of the row's bytes: what S3 holds is not news."""
+        return self.cache.writer(ino) is not None or ino in self.cache.store.starting
+
+    async def refresh(self, ino: int) -> Freshness:
+        """Ask S3 (HEAD) whether the file's object is still the version the index knows, and make
+        the row follow: another version -> states.replaced, no object -> dropped; the kernel is told
+        (on_changed). Rows whose content is ours to say (being written, queued for upload,
+        local-only) are left alone. Concurrent callers for one inode share one HEAD."""
+        while (pending := self._refreshing.get(ino)) is not None:
+            await pending.wait()
+            if ino in self.validated or self.metadata_ttl is None:
+                node = self.index.get(ino)
+                return Freshness.GONE if node is None else Freshness.SAME
+        done = self._refreshing[ino] = trio.Event()
+        try:
+            return await self._refresh(ino)
+        finally:
+            del self._refreshing[ino]
+            done.set()
+
+    async def _refresh(self, ino: int) -> Freshness:
+        node = self.index.get(ino)
+        if node is None:
+            return Freshness.GONE
+        if node.state not in (State.REMOTE, State.CACHED) or self._being_written(ino):
+            return Freshness.SAME
+        rel = self.index.relpath(ino)
+        # The key is held, as by our own queued PUTs and DELETEs and a rename's copy: what the HEAD
+        # says is not one of our own changes half done.
+        async with self.cache.keys.hold(rel):
+            info = await self.s3.head(self.prefix + rel)
+        # The awaits let other requests run: only a row still as it was may follow what S3 said.
+        cur = self.index.get(ino)
+        if cur is None:
+            return Freshness.GONE
+        moved = self.index.relpath(ino) != rel
+        if moved or (cur.state, cur.etag, cur.size) != (node.state, node.etag, node.size):
+            return Freshness.SAME
+        if self._being_written(ino):
+            return Freshness.SAME
+        if info is None:
+            if self.cache.delete_pending(rel):
+                return Freshness.SAME  # our own DELETE, queued: not yet, still ours to show
+            log.info("%s was deleted behind our back", rel)
+            self.cache.drop(ino)
+            self.on_changed(ino, cur)
+            return Freshness.GONE
+        self._checked(ino)
+        if info.etag == cur.etag and info.size == cur.size:
+            return Freshness.SAME
+        log.info("%s was replaced behind our back (%d -> %d bytes)", rel, cur.size, info.size)
+        self.cache.replaced(ino, info.size, info.etag, info.mtime_ns, self.index.listing_gen)
+        self.on_changed(ino, None)
+        return Freshness.CHANGED
 
     # -- the background listing ---------------------------------------------------------------------
 
@@ -186,7 +322,15 @@ class Namespace:
         )
 
     async def listing_task(self, retry_every: float = 30.0) -> None:
-        """Run the full listing, retrying while S3 is unreachable (bounded by the mount's lifetime)."""
+        """Run the full listing, retrying while S3 is unreachable (bounded by the mount's lifetime);
+        then again every relist_interval, if set, to find what others added, replaced or deleted."""
+        while True:
+            await self._list_once(retry_every)
+            if self.relist_interval is None:
+                return
+            await trio.sleep(self.relist_interval)
+
+    async def _list_once(self, retry_every: float) -> None:
         while True:
             try:
                 await self.full_listing()
@@ -195,7 +339,7 @@ class Namespace:
                 log.warning("background listing failed (%s); retrying in %.0fs", e, retry_every)
             except (OSError, sqlite3.Error) as e:  # e.g. a full cache disk: the mount stays up
                 log.error("background listing failed (%s); retrying in %.0fs", e, retry_every)
-            await trio.sleep(retry_every)
+            await trio.sleep(min(retry_every, self.relist_interval or retry_every))
 
     def _deleted(self, rel: str) -> bool:
         """Deleted through this mount while a listing ran, or its DELETE is still queued."""

@@ -123,6 +123,11 @@ class IntegrityError(S3Error):
     """What arrived does not match what S3 says the object is (or the server rejected our digest)."""
 
 
+class Changed(S3Error):
+    """412: the object is no longer the version asked for (If-Match): it was replaced (or deleted
+    and written again) behind our back, so what the index says about it is out of date."""
+
+
 @dataclass(frozen=True)
 class RangeResult:
     total: int  # size of the whole object
@@ -158,6 +163,8 @@ def translate_error(e: Exception, what: str) -> S3Error:
             return AccessDenied(msg)
         if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
             return IntegrityError(msg)
+        if code == "PreconditionFailed" or status == 412:
+            return Changed(msg)
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
             return Unavailable(msg)
         return S3Error(msg)

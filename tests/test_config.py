@@ -283,6 +283,30 @@ def test_cache_max_age_is_parsed_and_must_be_positive() -> None:
         config(cache_max_age="0")
 
 
+def test_metadata_is_trusted_for_ever_and_relisted_hourly_unless_told_otherwise() -> None:
+    c = config()
+    assert (c.metadata_ttl, c.relist_interval) == (None, 3600.0)
+    c = config(metadata_ttl="10s", relist_interval="15m")
+    assert (c.metadata_ttl, c.relist_interval) == (10.0, 900.0)
+    assert config(metadata_ttl="unlimited", relist_interval="off").metadata_ttl is None
+    assert config(metadata_ttl=0).metadata_ttl == 0.0  # ask S3 every time
+    assert config(relist_interval="0").relist_interval is None
+    assert config(relist_interval="never").relist_interval is None
+    with pytest.raises(ConfigError, match=r"^metadata_ttl: .*unlimited"):
+        config(metadata_ttl="soon")
+    with pytest.raises(ConfigError, match=r"^relist_interval: "):
+        config(relist_interval="-1s")
+
+
+def test_metadata_ttl_and_relist_interval_come_from_flags_and_the_config_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('bucket = "media"\nmetadata_ttl = "30s"\nrelist_interval = "2h"\n')
+    _, c = config_from_args(["mount", "--config", str(f), "/mnt/media"])
+    assert (c.metadata_ttl, c.relist_interval) == (30.0, 7200.0)
+    _, c = config_from_args(["mount", "--config", str(f), "/mnt/media", "--metadata-ttl", "5s"])
+    assert c.metadata_ttl == 5.0
+
+
 def test_timeouts_are_durations_and_must_be_positive() -> None:
     c = config(connect_timeout="2s", read_timeout="1m")
     assert (c.s3.connect_timeout, c.s3.read_timeout) == (2.0, 60.0)

@@ -3,8 +3,12 @@
 A cold file is downloaded once, into tmp/, whoever reads it: concurrent readers share one Download,
 and each is served as soon as its own bytes are on disk. A small object is one GET; a large one a
 short first range (its bytes come back sooner, and it tells the size and ETag) and then parallel
-ranged GETs, in order, each with If-Match. The whole object's MD5 is checked against its ETag where
-the ETag is an MD5, then the file is renamed into data/ and the row becomes CACHED (states.cached).
+ranged GETs, in order. Every GET carries If-Match with the ETag the index holds: the kernel was told
+that version's size, so the bytes of another version would be served cut to it, or mixed with the
+old version's pages. A 412 (s3.Changed) fails the download (its readers get EIO) once `on_changed`
+(Namespace.refresh) has taught the index the new version and had the kernel drop the old one. The
+whole object's MD5 is checked against its ETag where the ETag is an MD5, then the file is renamed into
+data/ and the row becomes CACHED (states.cached).
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import functools
 import hashlib
 import logging
 import os
+import sqlite3
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from ..index import IN_CACHE, Node, State
-from ..s3 import S3, IntegrityError, LocalWriteError, RangeResult, S3Error, first_error, md5_fd
+from ..s3 import S3, Changed, IntegrityError, LocalWriteError, RangeResult, S3Error, first_error, md5_fd
 from . import states
 from .evict import Evictor
 from .space import Space
@@ -51,6 +57,10 @@ class Downloads:
         self.evictor = evictor
         self.space = space
         self.disk = disk  # worker threads for local disk work (hashing)
+        # Called with the inode when S3 answered 412 to an If-Match GET: the object is no longer the
+        # version the index holds. Set by Namespace (its refresh: HEAD, states.replaced or dropped,
+        # and the kernel told); a no-op for in-process use without a namespace.
+        self.on_changed: Callable[[int], Awaitable[object]] = _nothing
 
     def open_cached(self, node: Node) -> int | None:
         """An fd on the complete cached copy, or None if there is none (then the row becomes REMOTE)."""
@@ -161,21 +171,29 @@ class Downloads:
         if size <= 0:
             return b""
         self.store.stats["direct_reads"] += 1
-        return await self.s3.get_bytes(self.store.key(ino), off, size, node.etag)
+        try:
+            return await self.s3.get_bytes(self.store.key(ino), off, size, node.etag)
+        except Changed:
+            await self.on_changed(ino)
+            raise
 
     async def _transfer(self, d: Download, node: Node, key: str) -> tuple[RangeResult, str | None]:
         """Bring the object's bytes into d.fd: one GET, or parallel ranged GETs for a large one."""
         part = self.limits.read_part_size
+        # The version the kernel was told the size of (see the module's docstring).
+        expected = node.etag or None
         if node.size <= part:
             # Small (most media): exactly one GET, no Range header, hashed as it streams.
-            r = await self.s3.get_range(key, d.fd, 0, None, lambda n: d.progress(0, n))
+            r = await self.s3.get_range(key, d.fd, 0, None, lambda n: d.progress(0, n), if_match=expected)
             d.plan(r.total, None)
             md5 = r.md5
         else:
             # A short first range: its bytes come back sooner than a whole part's (SeaweedFS: 10.3 ms
             # for 128 KiB, 14.0 ms for 8 MiB), and it tells the size and ETag the other parts need.
             first = min(FIRST_RANGE, part)
-            r = await self.s3.get_range(key, d.fd, 0, first - 1, lambda n: d.progress(0, n))
+            r = await self.s3.get_range(
+                key, d.fd, 0, first - 1, lambda n: d.progress(0, n), if_match=expected
+            )
             d.plan(r.total, first)
             # The rest in parallel ranged GETs, asked for in order, so that a sequential reader
             # finds the next part already on its way: that is the read-ahead. Each of
@@ -248,8 +266,11 @@ class Downloads:
             # No fsync: a copy that a crash leaves torn or empty is caught by its length or, on its
             # first read after the next mount, by the MD5 recorded below (Downloads.verify).
             # The awaits above let other requests run: re-read the row before trusting it.
+            # The row must still name the version that came in: a refresh (Namespace.refresh) may
+            # have moved it to a newer one meanwhile.
             cur = self.index.get(d.ino)
-            if cur is not None and cur.state == State.REMOTE and d.ino not in store.writers:
+            same = cur is not None and cur.etag == node.etag
+            if cur is not None and same and cur.state == State.REMOTE and d.ino not in store.writers:
                 self.evictor.make_room(r.total)
                 store.place(d.tmp, d.ino)
                 committed = True
@@ -259,6 +280,17 @@ class Downloads:
         except trio.Cancelled as e:  # the mount is going down
             d.finish(e)
             raise
+        except Changed as e:
+            # Replaced behind our back since the index learnt its ETag. The index and the kernel
+            # learn the new version before the readers get EIO, so that a retry reads it whole.
+            log.warning("download of %s failed: %s", key, e)
+            try:
+                await self.on_changed(d.ino)
+            except (S3Error, OSError, sqlite3.Error) as err:
+                # Then the listing or the next lookup past the TTL learns it.
+                log.warning("could not look up the new version of %s: %s", key, err)
+            finally:
+                d.finish(e)
         except Exception as e:
             # Its readers get EIO; the mount stays up (this runs in the cache's nursery).
             d.finish(e)
@@ -271,6 +303,10 @@ class Downloads:
             if not committed:
                 unlink_quiet(d.tmp)
             self.close(d)
+
+
+async def _nothing(ino: int) -> None:
+    return None
 
 
 def md5_update(md5: hashlib._Hash, fd: int, start: int, end: int) -> None:

@@ -13,7 +13,8 @@ committed, so a retried commit never counts twice.
       REMOTE ──────────────────────────────────────────────────────────────────────────▶ CACHED
       ▲ ▲ ▲ ◀──── evicted(): LRU over the cap, max age, disk full (never open or written) ── │
       │ │ │  ◀──── demoted(): the cached copy is missing, of the wrong length or damaged ── │
-      │ │ └───── replaced(): the listing sees another ETag (object replaced behind our back)
+      │ │ └───── replaced(): the listing, a HEAD past the metadata TTL or a GET's 412 (If-Match)
+      │ │          shows another ETag (object replaced behind our back)
       │ │                                                                                  │
       │ │  writing(): open for write, or written again after an upload   ◀────────────────┘
       │ └──────────────────────────────────────────▶ WRITING ◀───── (new row) create()
@@ -27,8 +28,9 @@ committed, so a retried commit never counts twice.
       QUEUED ── demoted(): its bytes were lost before the upload ──▶ REMOTE (older version) or (removed)
       QUEUED is never evicted; a write-open, rename or unlink of it is handled by queue.py first
       LOCAL ── writing() ──▶ WRITING;  LOCAL ── evicted() (age limit or disk full only) ──▶ (removed)
-      any file ── dropped() ──▶ (removed): unlink, rename over it, the listing no longer sees it,
-                                a first write that failed with no older version (reverted())
+      any file ── dropped() ──▶ (removed): unlink, rename over it, the listing no longer sees it
+                                (or a HEAD past the metadata TTL finds no object), a first write
+                                that failed with no older version (reverted())
       WRITING ── orphaned() ──▶ REMOTE or (removed): at mount, a write whose close never succeeded
       WRITING ── uploaded_meanwhile() ──▶ WRITING with an S3 version: unlinked while its upload ran
       any file with a writer ── unsent() ──▶ WRITING with no S3 version: renamed while open for writing
@@ -274,8 +276,9 @@ def demoted(store: Store, ino: int) -> None:
 
 
 def replaced(store: Store, ino: int, size: int, etag: str | None, mtime_ns: int, gen: int) -> None:
-    """CACHED or REMOTE -> REMOTE at another version: the listing saw the object replaced behind our
-    back. The old copy goes, and open handles drop it (content version)."""
+    """CACHED or REMOTE -> REMOTE at another version: the listing, a HEAD past the metadata TTL or a
+    GET refused with 412 showed the object replaced behind our back. The old copy goes, and open
+    handles drop it (content version)."""
     node = store.index.get(ino)
     if node is not None and node.state in IN_CACHE:
         store.cached_bytes -= node.size

@@ -1,0 +1,223 @@
+"""Changes made outside the mount: by a second mount of the same bucket (a standby host), or by
+boto3 (`s3cachefs import`, the provider's upload job). With --metadata-ttl they are seen once the TTL
+has passed; without it, at the next background relisting (--relist-interval). A replaced object is
+never read as a mix of two versions, nor cut to the old version's size: every GET carries If-Match.
+
+Waits for "the mount has noticed" are bounded polls; nothing asserts how long they took."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .harness import MakeMount, Mount, S3Server, wait_until
+from .test_reads import s3_calls
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MiB = 1024 * 1024
+TTL = ["--metadata-ttl", "1s"]
+# Far longer than the TTL: a bound on the wait, not a measure.
+NOTICE = 30.0
+
+
+def listed(m: Mount) -> bool:
+    return "listed " in m.log_text().rsplit("start:", 1)[-1]
+
+
+def read_or_errno(path: Path) -> bytes | int:
+    """The file's bytes through the mount (open, read to EOF), or the errno that stopped it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        assert e.errno is not None
+        return e.errno
+
+
+def reads_until(path: Path, want: bytes) -> list[bytes | int]:
+    """Read the file again and again until it reads `want` (bounded); every result, in order."""
+    seen: list[bytes | int] = []
+
+    def current() -> bool:
+        seen.append(read_or_errno(path))
+        return seen[-1] == want
+
+    assert wait_until(current, NOTICE), f"never read {want!r:.40}; last reads: {seen[-3:]!r:.200}"
+    return seen
+
+
+def two_mounts(make_mount: MakeMount, bucket: str, s3: S3Client) -> tuple[Mount, Mount]:
+    """A mount with the defaults and one with a 1 s metadata TTL, on one bucket, each with its own
+    cache, both listed; local_content/ab/cd exists (and so is complete in both indexes)."""
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/seed", Body=b"seed")
+    a = make_mount(bucket=bucket)
+    b = make_mount(bucket=bucket, extra_args=TTL)
+    assert wait_until(lambda: listed(a) and listed(b), NOTICE)
+    return a, b
+
+
+def test_a_file_and_a_directory_created_by_another_mount_appear_on_the_ttl_mount(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    a, b = two_mounts(make_mount, bucket, s3)
+    new_file = "local_content/ab/cd/newfile"
+    new_dir_file = "local_content/ef/gh/other"
+    # Missed once before it exists: the miss must not be final in a directory the index holds whole.
+    assert not os.path.exists(b.path / new_file)
+    assert not os.path.exists(b.path / "local_content/ef")
+
+    (a.path / new_file).write_bytes(b"written by the other host")
+    os.makedirs(a.path / "local_content/ef/gh")
+    (a.path / new_dir_file).write_bytes(b"in a new directory")
+
+    assert wait_until(lambda: os.path.exists(b.path / new_file), NOTICE)
+    assert (b.path / new_file).read_bytes() == b"written by the other host"
+    assert wait_until(lambda: os.path.isdir(b.path / "local_content/ef/gh"), NOTICE)
+    assert (b.path / new_dir_file).read_bytes() == b"in a new directory"
+    assert "newfile" in os.listdir(b.path / "local_content/ab/cd")
+
+
+def _replaced_outside_is_read_whole(
+    make_mount: MakeMount, s3: S3Client, bucket: str, old: bytes, new: bytes
+) -> None:
+    key = "local_content/ab/cd/replaced"
+    s3.put_object(Bucket=bucket, Key=key, Body=old)
+    m = make_mount(bucket=bucket, extra_args=TTL)
+    assert wait_until(lambda: listed(m), NOTICE)
+    path = m.path / key
+    assert path.read_bytes() == old  # now cached, and in the kernel's page cache
+    s3.put_object(Bucket=bucket, Key=key, Body=new)
+
+    seen = reads_until(path, new)
+    # Until then, the old version whole or an error; never the new bytes cut to the old size.
+    assert all(r in (old, new) or r == errno.EIO for r in seen), set(map(repr, seen))
+    assert os.stat(path).st_size == len(new)
+    assert path.read_bytes() == new
+
+
+def test_an_object_grown_outside_is_read_whole_through_the_ttl_mount(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    _replaced_outside_is_read_whole(make_mount, s3, bucket, b"1", b"4444")
+
+
+def test_an_object_replaced_outside_by_one_of_the_same_size_is_read_anew(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    # Same size, and the same LastModified second as likely as not: only the ETag tells them apart,
+    # and the kernel's cached pages must go all the same.
+    _replaced_outside_is_read_whole(make_mount, s3, bucket, b"abcd", b"wxyz")
+
+
+def test_an_object_deleted_outside_becomes_enoent_on_the_ttl_mount(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    a, b = two_mounts(make_mount, bucket, s3)
+    key = "local_content/ab/cd/doomed"
+    (a.path / key).write_bytes(b"soon gone")
+    assert wait_until(lambda: os.path.exists(b.path / key), NOTICE)
+    assert (b.path / key).read_bytes() == b"soon gone"  # cached on the TTL mount
+    s3.delete_object(Bucket=bucket, Key=key)
+
+    assert wait_until(lambda: not os.path.exists(b.path / key), NOTICE)
+    assert read_or_errno(b.path / key) == errno.ENOENT
+    assert "doomed" not in os.listdir(b.path / "local_content/ab/cd")
+
+
+def test_without_a_ttl_a_relisting_finds_objects_added_and_deleted_outside(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/seed", Body=b"seed")
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/old", Body=b"old")
+    m = make_mount(bucket=bucket, extra_args=["--relist-interval", "2s"])
+    assert wait_until(lambda: listed(m), NOTICE)
+    assert not os.path.exists(m.path / "local_content/ab/cd/added")
+    assert (m.path / "local_content/ab/cd/old").read_bytes() == b"old"
+
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/added", Body=b"put with boto3")
+    s3.delete_object(Bucket=bucket, Key="local_content/ab/cd/old")
+
+    assert wait_until(lambda: os.path.exists(m.path / "local_content/ab/cd/added"), NOTICE)
+    assert (m.path / "local_content/ab/cd/added").read_bytes() == b"put with boto3"
+    assert wait_until(lambda: not os.path.exists(m.path / "local_content/ab/cd/old"), NOTICE)
+
+
+def test_a_large_cold_file_replaced_between_stat_and_read_is_never_read_mixed(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    key = "remote_content/ex.org/ab/cd/video"
+    old = os.urandom(3 * MiB + 17)
+    new = os.urandom(4 * MiB + 5)
+    s3.put_object(Bucket=bucket, Key=key, Body=old)
+    # No TTL: the index's ETag is trusted, and If-Match is what keeps the parts to one version.
+    m = make_mount(bucket=bucket, extra_args=["--read-part-size", "1M"])
+    assert wait_until(lambda: listed(m), NOTICE)
+    path = m.path / key
+    assert os.stat(path).st_size == len(old)  # the kernel now holds the old size
+    s3.put_object(Bucket=bucket, Key=key, Body=new)
+
+    got = read_or_errno(path)
+    assert got in (errno.EIO, new), f"read {got!r:.60} ({len(got) if isinstance(got, bytes) else ''} bytes)"
+    # The 412 taught the mount the new version: it is read whole from now on.
+    assert all(r in (errno.EIO, new) for r in reads_until(path, new))
+    assert os.stat(path).st_size == len(new)
+
+
+def test_a_small_cold_file_replaced_between_stat_and_read_is_never_read_cut(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    key = "local_content/ab/cd/small"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"1")
+    m = make_mount(bucket=bucket)
+    assert wait_until(lambda: listed(m), NOTICE)
+    path = m.path / key
+    assert os.stat(path).st_size == 1
+    s3.put_object(Bucket=bucket, Key=key, Body=b"4444")
+
+    seen = reads_until(path, b"4444")
+    assert all(r in (errno.EIO, b"4444") for r in seen), seen
+
+
+def test_past_the_ttl_an_unreachable_s3_leaves_the_index_answering(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
+    # Synapse takes a failed stat for "missing": a TTL must not turn an S3 outage into 404s.
+    m = make_mount(server=own_s3server, extra_args=[*TTL, "--max-attempts", "1", "--s3-deadline", "3s"])
+    key = "local_content/ab/cd/kept"
+    os.makedirs(m.path / "local_content/ab/cd")
+    (m.path / key).write_bytes(b"cached here")
+    heads = s3_calls(m).get("HEAD", 0)
+    own_s3server.kill()
+
+    def asked_s3() -> bool:
+        assert os.path.isfile(m.path / key)  # at every try, before and after the TTL
+        return s3_calls(m).get("HEAD", 0) > heads
+
+    assert wait_until(asked_s3, NOTICE)
+    assert (m.path / key).read_bytes() == b"cached here"
+    assert read_or_errno(m.path / "local_content/ab/cd/never") == errno.ENOENT
+
+
+def test_files_written_through_the_ttl_mount_are_not_fetched_again_after_the_ttl(
+    make_mount: MakeMount,
+) -> None:
+    # The ETag our PUT (or multipart upload) returned must be the one a HEAD returns, or every
+    # file we wrote would look replaced once the TTL passes, and be downloaded again.
+    m = make_mount(extra_args=TTL)
+    os.makedirs(m.path / "local_content/ab/cd")
+    files = {"local_content/ab/cd/small": os.urandom(1000), "local_content/ab/cd/large": os.urandom(20 * MiB)}
+    for rel, data in files.items():
+        (m.path / rel).write_bytes(data)
+    before = s3_calls(m)
+
+    def revalidated() -> bool:
+        for rel, data in files.items():
+            assert (m.path / rel).read_bytes() == data
+        return s3_calls(m).get("HEAD", 0) >= before.get("HEAD", 0) + len(files)
+
+    assert wait_until(revalidated, NOTICE)
+    assert s3_calls(m).get("GET", 0) == before.get("GET", 0), "no file was downloaded again"
