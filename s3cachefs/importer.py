@@ -38,11 +38,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
@@ -55,6 +54,7 @@ from .config import (
     load_config_file,
     s3_key,
 )
+from .importsource import Entry, files_text, shown, signature, size_text, type_name, walk
 from .procmounts import mount_of
 from .s3 import (
     AccessDenied,
@@ -151,86 +151,6 @@ def _on_s3cachefs_mount(path: Path) -> bool:
     return m is not None and (m.fstype == "fuse.s3cachefs" or m.source.startswith("s3cachefs:"))
 
 
-# -- walking --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Entry:
-    rel: str  # relative to SRC_DIR, '/'-separated; undecodable bytes are surrogate escapes (os's str paths)
-    path: str
-    kind: Literal["file", "unsupported", "error"]
-    size: int = 0
-    what: str = ""  # unsupported: the file type; error: why
-
-
-def _type_name(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-    ):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def _walk(root: str, stop: threading.Event) -> Iterator[_Entry]:
-    """Every entry below root, depth first in name order (a rerun goes through the files in the same
-    order); symlinks are reported, never followed. Lazy: holds one directory listing at a time."""
-    stack = [""]
-    while stack and not stop.is_set():
-        reldir = stack.pop()
-        path = os.path.join(root, reldir) if reldir else root
-        try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda d: d.name)
-        except FileNotFoundError:
-            continue  # gone meanwhile, e.g. an empty directory that --delete-source pruned
-        except OSError as err:
-            yield _Entry(reldir, path, "error", what=f"cannot list the directory: {err.strerror}")
-            continue
-        subdirs = []
-        for d in entries:
-            rel = f"{reldir}/{d.name}" if reldir else d.name
-            try:
-                if d.is_dir(follow_symlinks=False):
-                    subdirs.append(rel)
-                    continue
-                st = d.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except OSError as err:
-                yield _Entry(rel, d.path, "error", what=f"cannot stat: {err.strerror}")
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                # Like the mount: the bucket never holds a 0-byte object written by s3cachefs.
-                yield _Entry(rel, d.path, "unsupported", what="empty file")
-            elif stat.S_ISREG(st.st_mode):
-                yield _Entry(rel, d.path, "file", st.st_size)
-            else:
-                yield _Entry(rel, d.path, "unsupported", what=_type_name(st.st_mode))
-        stack.extend(reversed(subdirs))
-
-
-def _shown(rel: str) -> str:
-    """A path fit for a terminal, also when its name is not valid UTF-8."""
-    return os.fsencode(rel).decode("utf-8", "backslashreplace")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _files(n: int) -> str:
-    return f"{n} file" if n == 1 else f"{n} files"
-
-
 # -- one file -------------------------------------------------------------------------------------------
 
 
@@ -244,7 +164,7 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class _Result:
-    entry: _Entry
+    entry: Entry
     outcome: Outcome
     reason: str = ""  # why it failed, or why an existing object is replaced
     # (size, mtime_ns, ctime_ns, inode) of the file as it was read; deletion requires it unchanged.
@@ -259,10 +179,6 @@ class _FileFailed(Exception):
 
 class _Interrupted(Exception):
     pass
-
-
-def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 class _Progress:
@@ -287,7 +203,7 @@ class _Uploader:
         self.progress = progress
         self.stop = stop
 
-    def process(self, e: _Entry) -> _Result:
+    def process(self, e: Entry) -> _Result:
         reported = [0]
         try:
             return self._process(e, reported)
@@ -303,15 +219,15 @@ class _Uploader:
             return _Result(e, Outcome.FAILED, f"local file: {x.strerror or x}", reported=reported[0])
         except Exception as x:
             # A bug, but a batch over millions of files should still finish the others.
-            log.exception("importing %s", _shown(e.rel))
+            log.exception("importing %s", shown(e.rel))
             return _Result(e, Outcome.FAILED, f"internal error: {x!r}", reported=reported[0])
 
-    def _process(self, e: _Entry, reported: list[int]) -> _Result:
+    def _process(self, e: Entry, reported: list[int]) -> _Result:
         key = s3_key(self.opts.s3.prefix, e.rel)
         st = os.lstat(e.path)
         if not stat.S_ISREG(st.st_mode):
-            raise _FileFailed(f"is no longer a regular file (now a {_type_name(st.st_mode)})")
-        sig = _signature(st)
+            raise _FileFailed(f"is no longer a regular file (now a {type_name(st.st_mode)})")
+        sig = signature(st)
         size = st.st_size
         replacing = ""
         remote = self.s3.head_object(key)
@@ -335,7 +251,7 @@ class _Uploader:
 
     @staticmethod
     def _check_unchanged(path: str, sig: tuple[int, int, int, int]) -> None:
-        if _signature(os.lstat(path)) != sig:
+        if signature(os.lstat(path)) != sig:
             # What S3 holds may be the old content or a mix; a rerun will compare again.
             raise _FileFailed("changed while it was being imported; run again")
 
@@ -464,7 +380,7 @@ class Importer:
         """Second, metadata-only walk in a thread, so that the bar gets a total and an ETA without
         delaying the first upload; it costs one stat per file, far less than an upload."""
         files = nbytes = 0
-        for e in _walk(self.root, self.stop):
+        for e in walk(self.root, self.stop):
             if e.kind == "file" and not self._is_url_cache(e.rel):
                 files += 1
                 nbytes += e.size
@@ -504,7 +420,7 @@ class Importer:
     # -- recording ---------------------------------------------------------------------------------------
 
     def _fail(self, rel: str, reason: str) -> None:
-        line = f"{_shown(rel)}: {reason}"
+        line = f"{shown(rel)}: {reason}"
         self.stats.failed.append(line)
         self._say(f"s3cachefs: import: failed: {line}")
 
@@ -529,10 +445,10 @@ class Importer:
             if r.reason:
                 s.replaced[r.reason] += 1
             note = f" (replaces the object: {r.reason})" if r.reason else ""
-            self._say(f"upload  {_shown(e.rel)}  {e.size}{note}", self.out)
+            self._say(f"upload  {shown(e.rel)}  {e.size}{note}", self.out)
             return
         if r.outcome is Outcome.PRESENT and self.opts.dry_run:
-            self._say(f"skip    {_shown(e.rel)}  {e.size} (already in S3)", self.out)
+            self._say(f"skip    {shown(e.rel)}  {e.size} (already in S3)", self.out)
         assert r.sig is not None
         if self.opts.delete_source and not self.opts.dry_run and not self._delete(e, r.sig):
             return
@@ -545,11 +461,11 @@ class Importer:
             s.present += 1
             s.present_bytes += e.size
 
-    def _delete(self, e: _Entry, sig: tuple[int, int, int, int]) -> bool:
+    def _delete(self, e: Entry, sig: tuple[int, int, int, int]) -> bool:
         """Remove a verified source file and the parent directories this leaves empty (never SRC_DIR).
         False (and a failure recorded) if the file cannot be deleted or is not the one verified."""
         try:
-            if _signature(os.lstat(e.path)) != sig:
+            if signature(os.lstat(e.path)) != sig:
                 self._fail(e.rel, "changed after it was verified in S3; kept, run again")
                 return False
             os.remove(e.path)
@@ -580,7 +496,7 @@ class Importer:
         self.stop_signal = signum
         self.stop.set()
 
-    def _submit_or_record(self, pool: cf.ThreadPoolExecutor, e: _Entry) -> cf.Future[_Result] | None:
+    def _submit_or_record(self, pool: cf.ThreadPoolExecutor, e: Entry) -> cf.Future[_Result] | None:
         s = self.stats
         if self._is_url_cache(e.rel):
             s.url_cache += 1
@@ -590,7 +506,7 @@ class Importer:
             self._fail(e.rel or ".", e.what)
             return None
         if e.kind == "unsupported":
-            s.unsupported.append(f"{e.what} {_shown(e.rel)}")
+            s.unsupported.append(f"{e.what} {shown(e.rel)}")
             return None
         try:
             s3_key(self.opts.s3.prefix, e.rel).encode("utf-8")
@@ -625,7 +541,7 @@ class Importer:
             pass  # not the main thread (embedded use): no signal handling, Ctrl-C is the caller's
         try:
             with cf.ThreadPoolExecutor(max_workers=self.opts.jobs, thread_name_prefix="import") as pool:
-                for e in _walk(self.root, self.stop):
+                for e in walk(self.root, self.stop):
                     f = self._submit_or_record(pool, e)
                     if f is not None:
                         inflight.add(f)
@@ -670,39 +586,41 @@ class Importer:
             lines.append(f"  {label + ':':<21} {text}")
 
         if o.dry_run:
-            row("would upload", f"{_files(s.would_upload)}, {_size(s.would_upload_bytes)}")
+            row("would upload", f"{files_text(s.would_upload)}, {size_text(s.would_upload_bytes)}")
         else:
-            row("uploaded", f"{_files(s.uploaded)}, {_size(s.uploaded_bytes)}, verified")
-        lines += [f"      {_files(n)} {why}" for why, n in sorted(s.replaced.items())]
-        row("already in S3", f"{_files(s.present)}, {_size(s.present_bytes)} (skipped)")
+            row("uploaded", f"{files_text(s.uploaded)}, {size_text(s.uploaded_bytes)}, verified")
+        lines += [f"      {files_text(n)} {why}" for why, n in sorted(s.replaced.items())]
+        row("already in S3", f"{files_text(s.present)}, {size_text(s.present_bytes)} (skipped)")
         hint = "" if o.include_url_cache else " (--include-url-cache imports them)"
-        row("skipped url_cache*", f"{_files(s.url_cache)}, {_size(s.url_cache_bytes)}{hint}")
+        row("skipped url_cache*", f"{files_text(s.url_cache)}, {size_text(s.url_cache_bytes)}{hint}")
         row("skipped unsupported", f"{len(s.unsupported)} (only regular files are imported)")
         lines += [f"      {u}" for u in s.unsupported[:_SHOWN]]
         if len(s.unsupported) > _SHOWN:
             lines.append(f"      ... and {len(s.unsupported) - _SHOWN} more")
-        row("failed", _files(len(s.failed)))
+        row("failed", files_text(len(s.failed)))
         lines += [f"      {f}" for f in s.failed[:_SHOWN]]
         if len(s.failed) > _SHOWN:
             lines.append(f"      ... and {len(s.failed) - _SHOWN} more (printed above as they happened)")
         if s.interrupted:
-            row("interrupted", f"{_files(s.interrupted)} (not uploaded)")
+            row("interrupted", f"{files_text(s.interrupted)} (not uploaded)")
         if o.delete_source and not o.dry_run:
             row(
                 "deleted from source",
-                f"{_files(s.deleted)}, {_size(s.deleted_bytes)}; {s.pruned_dirs} emptied directories removed",
+                f"{files_text(s.deleted)}, {size_text(s.deleted_bytes)}; {s.pruned_dirs} emptied directories removed",
             )
         secs = max(elapsed, 1e-6)
-        uploads = f", uploads at {s.uploaded / secs:.0f} files/s and {_size(s.uploaded_bytes / secs)}/s"
+        uploads = f", uploads at {s.uploaded / secs:.0f} files/s and {size_text(s.uploaded_bytes / secs)}/s"
         row("elapsed", f"{elapsed:.1f} s; {s.done / secs:.0f} files/s checked{'' if o.dry_run else uploads}")
         if self.stop_signal is not None:
             result = f"INTERRUPTED by {signal.Signals(self.stop_signal).name}; run the same command again to resume"
         elif self.gave_up:
             result = "STOPPED: S3 is unreachable; run the same command again to resume"
         elif o.dry_run:
-            result = f"dry run: {_files(len(s.failed))} would fail" if s.failed else "dry run complete"
+            result = f"dry run: {files_text(len(s.failed))} would fail" if s.failed else "dry run complete"
         elif s.failed:
-            result = f"INCOMPLETE: {_files(len(s.failed))} failed; fix them and run the same command again"
+            result = (
+                f"INCOMPLETE: {files_text(len(s.failed))} failed; fix them and run the same command again"
+            )
         else:
             result = "OK: every file is in S3 and verified"
         row("result", result)
