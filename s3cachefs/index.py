@@ -574,13 +574,20 @@ class Index:
         first = self.db.execute("SELECT queued_at FROM delete_queue ORDER BY id LIMIT 1").fetchone()
         return int(up[0]), up[1], int(n), first[0] if first else None
 
-    def stale_files(self, gen: int) -> Iterator[Node]:
-        q = f"SELECT {_COLS} FROM nodes WHERE state IN (?, ?) AND seen<?"
-        for r in self.db.execute(q, (int(State.REMOTE), int(State.CACHED), gen)).fetchall():
-            yield _node(r)
+    def stale_files(self, gen: int, lo: int = 0, hi: int | None = None) -> list[Node]:
+        """Files in S3 (REMOTE, CACHED) the listing `gen` did not see, with lo < ino <= hi (a range
+        of the primary key, so that a caller can take a large table a slice at a time)."""
+        q = f"SELECT {_COLS} FROM nodes WHERE ino>? AND ino<=? AND state IN (?, ?) AND seen<?"
+        top = self._last_ino if hi is None else hi
+        return [_node(r) for r in self.db.execute(q, (lo, top, int(State.REMOTE), int(State.CACHED), gen))]
 
-    def mark_all_dirs_complete(self) -> None:
-        self.db.execute("UPDATE nodes SET complete=1 WHERE state=?", (int(State.DIR),))
+    def mark_dirs_complete(self, lo: int = 0, hi: int | None = None) -> None:
+        """Directories with lo < ino <= hi are complete: the listing saw every key below them."""
+        top = self._last_ino if hi is None else hi
+        self.db.execute(
+            "UPDATE nodes SET complete=1 WHERE ino>? AND ino<=? AND state=? AND complete=0",
+            (lo, top, int(State.DIR)),
+        )
 
     def suspend_checkpoints(self) -> None:
         """No automatic checkpoint at commit until resume_checkpoints(). After a large transaction

@@ -39,6 +39,10 @@ from .s3 import S3, ObjectInfo, S3Error
 log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 5.0
+# The background listing applies this many keys per transaction, and ends by taking the index this
+# many inode numbers at a time, with the event loop's other requests in between.
+LISTING_BATCH = 200
+LISTING_SLICE = 20_000
 # Rows and directories whose check against S3 is remembered (metadata_ttl): a row that falls out is
 # only checked once more than needed.
 VALIDATED_MAX = 100_000
@@ -287,25 +291,40 @@ class Namespace:
         count = 0
         try:
             async for objs, _ in self.s3.list_pages(self.prefix):
-                # One transaction per page: 1000 rows per fsync instead of one each.
-                self.index.begin()
-                try:
-                    for o in objs:
-                        self._apply_listed(o, gen, dirs)
-                finally:
-                    self.index.commit()
+                # A transaction per batch, and the event loop's other requests between batches: a
+                # page of 1000 keys applied in one go held the loop for tens of ms.
+                for start in range(0, len(objs), LISTING_BATCH):
+                    self.index.begin()
+                    try:
+                        for o in objs[start : start + LISTING_BATCH]:
+                            self._apply_listed(o, gen, dirs)
+                    finally:
+                        self.index.commit()
+                    await trio.lowlevel.checkpoint()
+                    dirs.clear()  # a directory it names may have been removed meanwhile
                 count += len(objs)
                 self.listed_objects = count
+            # The end of the listing, a slice of inode numbers at a time (at a million objects, one
+            # statement over the whole table held the loop for seconds).
             dropped = 0
+            top = self.index.max_ino()
+            for lo in range(0, top, LISTING_SLICE):
+                self.index.begin()
+                try:
+                    for node in self.index.stale_files(gen, lo, lo + LISTING_SLICE):
+                        if self.cache.busy(node.ino) or self.index.get(node.ino) is None:
+                            continue
+                        self.cache.drop(node.ino, durable=False)
+                        self.on_changed(node.ino, node)
+                        dropped += 1
+                    self.index.mark_dirs_complete(lo, lo + LISTING_SLICE)
+                finally:
+                    self.index.commit()
+                await trio.lowlevel.checkpoint()
             self.index.begin()
             try:
-                for node in self.index.stale_files(gen):
-                    if self.cache.busy(node.ino):
-                        continue
-                    self.cache.drop(node.ino, durable=False)
-                    self.on_changed(node.ino, node)
-                    dropped += 1
-                self.index.mark_all_dirs_complete()
+                # Directories made while the slices above were marked were made complete by us.
+                self.index.mark_dirs_complete(top)
                 self.index.clear_tombstones()
                 self.index.set_meta("listed_gen", str(gen))
             finally:
