@@ -189,26 +189,40 @@ class Downloads:
             md5 = r.md5
         else:
             # A short first range: its bytes come back sooner than a whole part's (SeaweedFS: 10.3 ms
-            # for 128 KiB, 14.0 ms for 8 MiB), and it tells the size and ETag the other parts need.
+            # for 128 KiB, 14.0 ms for 8 MiB). When the index knows the object's size and ETag (it
+            # does for every object a listing or a HEAD found), the other parts need not wait for the
+            # first range's answer: they are asked for at once, all with If-Match, which saves a
+            # round trip before the read-ahead starts (30 ms on a same-region cloud S3). Otherwise
+            # the first range tells the size and ETag the other parts need.
             first = min(FIRST_RANGE, part)
-            r = await self.s3.get_range(
-                key, d.fd, 0, first - 1, lambda n: d.progress(0, n), if_match=expected
-            )
-            d.plan(r.total, first)
+            firsts: list[RangeResult] = []
+            if expected is not None:
+                d.plan(node.size, first)
+                etag = expected
+                parts_left = iter(range(d.nparts))  # part 0 is the first range
+            else:
+                firsts.append(
+                    await self.s3.get_range(
+                        key, d.fd, 0, first - 1, lambda n: d.progress(0, n), if_match=None
+                    )
+                )
+                d.plan(firsts[0].total, first)
+                etag = firsts[0].etag
+                parts_left = iter(range(1, d.nparts))
+            total = d.size
             # The rest in parallel ranged GETs, asked for in order, so that a sequential reader
             # finds the next part already on its way: that is the read-ahead. Each of
             # read_concurrency fetchers takes the next part from one shared iterator when it is
             # free. (One task per part, started in order, is not enough: trio runs a batch of new
             # tasks in reverse order half of the time, and then the first part came in last.)
-            parts_left = iter(range(1, d.nparts))
             hasher = hashlib.md5()
 
             async def hash_along() -> None:
                 # MD5 of the whole object, in order, as its bytes become contiguous from the start:
                 # while the later parts still arrive, so that little is left to hash at the end.
                 off = 0
-                while off < r.total:
-                    while d.available - off < min(HASH_STEP, r.total - off):
+                while off < total:
+                    while d.available - off < min(HASH_STEP, total - off):
                         await d.changed.wait()
                     end = d.available
                     await trio.to_thread.run_sync(md5_update, hasher, d.fd, off, end, limiter=self.disk)
@@ -216,20 +230,25 @@ class Downloads:
 
             async def fetch_parts() -> None:
                 for i in parts_left:
-                    await self.s3.get_range(
+                    got = await self.s3.get_range(
                         key,
                         d.fd,
-                        d.ends[i - 1],
+                        d.ends[i - 1] if i else 0,
                         d.ends[i] - 1,
                         functools.partial(d.progress, i),
-                        if_match=r.etag,
+                        if_match=etag,
                     )
+                    if i == 0:
+                        firsts.append(got)
 
             with first_error():
                 async with trio.open_nursery() as parts:
                     parts.start_soon(hash_along)
-                    for _ in range(max(1, min(self.limits.read_concurrency, d.nparts - 1))):
+                    for _ in range(max(1, min(self.limits.read_concurrency, d.nparts - len(firsts)))):
                         parts.start_soon(fetch_parts)
+            r = firsts[0]
+            if r.total != total:
+                raise IntegrityError(f"GET {key}: the object has {r.total} bytes, the index said {total}")
             md5 = hasher.hexdigest()
         return r, md5
 
