@@ -160,3 +160,56 @@ def test_an_upload_that_ends_after_an_unlink_began_records_its_object_for_the_de
     now = row(store, node.ino)
     assert (now.state, now.size, now.etag) == (State.WRITING, 12, "e5")
     consistent(store)
+
+
+def test_an_async_close_queues_the_upload_and_its_sending_makes_the_file_cached(store: Store) -> None:
+    node = new_file(store, "a", State.REMOTE, 4, etag="old")
+    states.writing(store, node.ino)
+    states.queued(store, states.direct, node.ino, 9, 5, MD5)
+    assert row(store, node.ino).state == State.QUEUED
+    entry = store.index.queued_upload(node.ino)
+    assert entry is not None and entry[1] == (4, "old"), "the queue entry keeps the version S3 still holds"
+    assert (store.cached_bytes, store.queued_bytes) == (9, 9)
+    store.index.queue_delete("a", 1.0)  # an older DELETE of the same key
+    states.sent(store, states.direct, node.ino, "new", store.index.last_delete_id())
+    now = row(store, node.ino)
+    assert (now.state, now.etag) == (State.CACHED, "new")
+    assert store.index.queued_upload(node.ino) is None
+    assert not store.index.delete_pending("a"), "the PUT made the older DELETE moot"
+    assert (store.cached_bytes, store.queued_bytes) == (9, 0)
+    consistent(store)
+
+
+def test_a_failed_write_of_a_queued_file_goes_back_to_the_queued_version(store: Store) -> None:
+    node = new_file(store, "a", State.WRITING, 0, etag=None)
+    states.queued(store, states.direct, node.ino, 7, 5, MD5)
+    states.writing(store, node.ino)  # written again
+    assert (store.cached_bytes, store.queued_bytes) == (0, 0)
+    assert store.index.queued_upload(node.ino) is not None, "the entry stays while it is written"
+    states.requeued(store, states.direct, node.ino, 7)
+    assert row(store, node.ino).state == State.QUEUED
+    assert (store.cached_bytes, store.queued_bytes) == (7, 7)
+    consistent(store)
+
+
+def test_a_queued_file_whose_bytes_are_lost_goes_back_to_what_s3_holds(store: Store) -> None:
+    kept = new_file(store, "kept", State.REMOTE, 4, etag="old")
+    states.writing(store, kept.ino)
+    states.queued(store, states.direct, kept.ino, 9, 5, MD5)
+    fresh = new_file(store, "fresh", State.WRITING, 0, etag=None)
+    states.queued(store, states.direct, fresh.ino, 3, 5, MD5)
+    states.demoted(store, kept.ino)
+    states.demoted(store, fresh.ino)
+    now = row(store, kept.ino)
+    assert (now.state, now.size, now.etag) == (State.REMOTE, 4, "old")
+    assert store.index.get(fresh.ino) is None, "nothing in S3 to go back to"
+    assert (store.cached_bytes, store.queued_bytes) == (0, 0)
+    consistent(store)
+
+
+def test_a_file_renamed_while_written_has_no_s3_version_until_its_next_close(store: Store) -> None:
+    node = new_file(store, "a", State.CACHED, 6, etag="e1")
+    states.unsent(store, node.ino)
+    now = row(store, node.ino)
+    assert (now.state, now.etag) == (State.WRITING, None)
+    consistent(store)
