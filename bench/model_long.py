@@ -4,7 +4,9 @@ Runs tests/model.py's state machine (the one tests/test_model.py runs for two mi
 own SeaweedFS and mount, batch after batch of Hypothesis examples, until --operations operations have
 been executed or --max-minutes have passed. An operation is one step of the machine: one create,
 write, append, overwrite, truncate, read, stat, listdir, unlink, mkdir, rmdir, rename, remount (with
-its full check) or full check, every outcome compared with the in-memory model.
+its full check), full check, or one run of several descriptors on one file (interleaved writes
+through 2-3 descriptors, 2-4 threads or processes writing at once, a rename while open for
+writing), every outcome compared with the in-memory model.
 
 Prints progress after every batch, then the operations executed, examples, mismatches, ops/s and the
 breakdown per operation. On a mismatch, Hypothesis shrinks it and the minimal failing sequence is

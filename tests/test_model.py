@@ -3,7 +3,9 @@
 test_random_operation_sequences_match_the_model: Hypothesis drives tests/model.py's state machine:
 random create/write/append/overwrite/truncate/read/stat/listdir/unlink/mkdir/rmdir/rename sequences
 on a mount with a 1 MiB cache, with remounts (same cache, wiped cache, after kill -9) in between,
-each call checked against an in-memory model, and S3 checked after every change. Any difference
+and several descriptors of one file at once (interleaved in this process, threads, dd and python
+processes started together, a rename while open for writing), each call checked against an
+in-memory model, and S3 checked after every change. Any difference
 fails the test with the shrunk sequence. The run is bounded by time rather than by a number of
 examples, so that a slow machine still finishes in about S3CACHEFS_MODEL_SECONDS (default 120) plus
 one batch (plus the shrinking, if something fails). bench/model_long.py runs the same machine for
@@ -12,13 +14,15 @@ one batch (plus the shrinking, if something fails). bench/model_long.py runs the
 S3CACHEFS_MODEL_AVOID=name,... steers the machine around known, still open bugs (tests/model.py
 KNOWN_BUGS); by default nothing is avoided.
 
-The other tests are the bugs the machine found, each as its minimal sequence, deterministic.
+The other tests are the bugs the machine found, each as its minimal sequence, deterministic (a
+strict xfail while the bug is open).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -190,3 +194,26 @@ def test_a_write_open_during_the_release_of_an_emptied_file_works(
         resume.join()
     assert path.read_bytes() == b"new data"
     assert bucket_objects(own_s3server.client(), m.bucket) == {"t/a": b"new data"}
+
+
+@pytest.mark.xfail(strict=True, reason="open bug rename-while-pipelined (tests/model.py KNOWN_BUGS)")
+def test_a_pipelined_write_renamed_while_open_is_uploaded_under_the_new_name(
+    make_mount: MakeMount, s3: S3Client
+) -> None:
+    """A file renamed while open for writing is uploaded by its next close under its new name
+    (README, rename while writing). Appending to a file over the multipart threshold starts a
+    pipelined multipart upload keyed by the name the file has then; that upload must not put the
+    file back under its old name. Found by the model (rename_while_open); today the close completes
+    the upload under the old name, so S3 holds the new bytes at the old key and nothing at the new
+    one (a wiped cache then loses the file and brings the old name back)."""
+    m = make_mount(extra_args=["--multipart-threshold", "5M", "--multipart-chunksize", "5M"])
+    os.makedirs(m.path / "t/a")
+    first = random.Random(1).randbytes(6 * 1024 * 1024)
+    (m.path / "t/big0").write_bytes(first)
+    with open(m.path / "t/big0", "ab", buffering=0) as f:
+        f.write(b"appended")  # at the end of a 6 MiB file: the pipeline starts, part 1 goes up
+        os.rename(m.path / "t/big0", m.path / "t/a/big0")
+        f.write(b", and more")
+    assert (m.path / "t/a/big0").read_bytes() == first + b"appended, and more"
+    assert wait_until(lambda: queues_empty(m), 30)
+    assert bucket_objects(s3, m.bucket) == {"t/a/big0": first + b"appended, and more"}
