@@ -334,17 +334,17 @@ class Model:
 # that a long run can look for other bugs while that one is open. By default nothing is avoided.
 # The first two are fixed (commit 4978ddc; tests/test_model.py has their reproductions); the names
 # stay so that a run can still be steered around them, e.g. to compare with an older checkout.
-# rename-while-pipelined is open (found by rename_while_open; its reproduction is a strict xfail).
+# rename-while-pipelined is fixed too (found by rename_while_open; tests/test_model.py reproduces it).
 KNOWN_BUGS = {
     "rename-empty-file": "(fixed) rename of an empty file (kept in the cache only, never uploaded) "
     "outside url_cache/ gave ENOENT: Namespace.rename copied an object that S3 does not have",
     "reopen-leaks-cache-copy": "(fixed) opening a cached, uploaded file for writing and closing it "
     "without writing (open 'ab' or 'r+b', no write) turned it back to REMOTE but left its data/ file "
     "behind, uncounted: data/ grew past the cap (cache.py Cache.finish_write, revert path)",
-    "rename-while-pipelined": "(open) a file over the multipart threshold, appended to (which starts "
+    "rename-while-pipelined": "(fixed) a file over the multipart threshold, appended to (which starts "
     "a pipelined multipart upload, keyed by its name then) and renamed while still open, is "
     "uploaded by its close under its OLD name: S3 holds the old key with the new bytes and nothing "
-    "at the new name (cache/core.py Cache.renamed_while_written keeps the pipeline; "
+    "at the new name (cache/core.py Cache.renamed_while_written kept the pipeline; "
     "test_model.py test_a_pipelined_write_renamed_while_open_is_uploaded_under_the_new_name)",
 }
 # Found by the model too, but timing-dependent, so the machine steers clear of them in every mode (a

@@ -196,7 +196,6 @@ def test_a_write_open_during_the_release_of_an_emptied_file_works(
     assert bucket_objects(own_s3server.client(), m.bucket) == {"t/a": b"new data"}
 
 
-@pytest.mark.xfail(strict=True, reason="open bug rename-while-pipelined (tests/model.py KNOWN_BUGS)")
 def test_a_pipelined_write_renamed_while_open_is_uploaded_under_the_new_name(
     make_mount: MakeMount, s3: S3Client
 ) -> None:

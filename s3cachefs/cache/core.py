@@ -213,6 +213,9 @@ class Cache:
         w = self.store.writers.get(ino)
         if w is not None:
             w.prev, w.was_cached, w.was_queued = None, False, False
+            # A pipelined multipart upload runs under the old name: abandon it (the close uploads
+            # the whole file under the new one).
+            self.writes.drop_pipeline(w)
             self.writes.mark_dirty(w)
         states.unsent(self.store, ino)
         self.queue.wake()

@@ -161,7 +161,7 @@ class Writes:
         if w.pipeline_off:
             return
         if off != w.seq_end:
-            self._drop_pipeline(w)
+            self.drop_pipeline(w)
             return
         w.seq_end += n
         pl = w.pipeline
@@ -179,18 +179,18 @@ class Writes:
             )
             nursery.start_soon(self._pump, w, pl)
         elif w.seq_end > pl.part_size * MAX_PARTS:  # S3's part limit: let close() choose bigger parts
-            self._drop_pipeline(w)
+            self.drop_pipeline(w)
             return
         pl.more.set()
 
     def write_failed(self, w: Writer, e: OSError) -> None:
         w.failed = e.errno or errno.EIO
         self.mark_dirty(w)
-        self._drop_pipeline(w)
+        self.drop_pipeline(w)
 
     def truncated(self, w: Writer) -> None:
         self.mark_dirty(w)
-        self._drop_pipeline(w)
+        self.drop_pipeline(w)
 
     # -- uploading ----------------------------------------------------------------------------------
 
@@ -297,7 +297,7 @@ class Writes:
 
     # -- pipelined multipart uploads ------------------------------------------------------------------
 
-    def _drop_pipeline(self, w: Writer) -> None:
+    def drop_pipeline(self, w: Writer) -> None:
         w.pipeline_off = True
         pl, w.pipeline = w.pipeline, None
         if pl is not None:
@@ -392,7 +392,7 @@ class Writes:
         writer of its own on what the index says by then."""
         w.closing = trio.Event()
         try:
-            self._drop_pipeline(w)
+            self.drop_pipeline(w)
             if w.failed is None and w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
                 # Emptied, and no close() settled it (the last close's flush saw another write
                 # handle, released since): the last release does it, with errors only logged.
