@@ -17,6 +17,19 @@ step() { printf '\n== %s\n' "$*"; }
 step "install"
 bash "$REPO/scripts/install.sh"
 
+# System tools only the tests use (the durability test traces the daemon's fsyncs with strace).
+missing=()
+for tool in strace; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    step "apt-get install ${missing[*]} (for the tests)"
+    sudo_=()
+    [ "$(id -u)" -eq 0 ] || sudo_=(sudo -n)
+    "${sudo_[@]}" apt-get update -qq
+    "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
 step "ruff check s3cachefs tests bench"
 "$VENV/bin/python" -m ruff check s3cachefs tests bench
 
