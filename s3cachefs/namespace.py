@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 NEGATIVE_TTL = 5.0
 # The background listing applies this many keys per transaction, and ends by taking the index this
 # many inode numbers at a time, with the event loop's other requests in between.
-LISTING_BATCH = 200
+LISTING_BATCH = 50
 LISTING_SLICE = 20_000
 # Rows and directories whose check against S3 is remembered (metadata_ttl): a row that falls out is
 # only checked once more than needed.

@@ -310,18 +310,22 @@ class S3:
                 kwargs["Delimiter"] = delimiter
             if token:
                 kwargs["ContinuationToken"] = token
-            page = await self._run(f"LIST {prefix}", functools.partial(self.client.list_objects_v2, **kwargs))
-            objs = [
-                ObjectInfo(o["Key"], int(o.get("Size", 0)), o.get("ETag", ""), mtime_ns_of(dict(o)))
-                for o in page.get("Contents", [])
-            ]
-            prefixes = [p["Prefix"] for p in page.get("CommonPrefixes", []) if "Prefix" in p]
+            objs, prefixes, token = await self._run(f"LIST {prefix}", functools.partial(self._list_page, kwargs))
             yield objs, prefixes
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
             if not token:
                 return
+
+    def _list_page(self, kwargs: dict[str, Any]) -> tuple[list[ObjectInfo], list[str], str | None]:
+        """Worker thread: one LIST page, turned into our records here rather than on the event loop
+        (a thousand keys and their dates take milliseconds of Python)."""
+        page = self.client.list_objects_v2(**kwargs)
+        objs = [
+            ObjectInfo(o["Key"], int(o.get("Size", 0)), o.get("ETag", ""), mtime_ns_of(dict(o)))
+            for o in page.get("Contents", [])
+        ]
+        prefixes = [p["Prefix"] for p in page.get("CommonPrefixes", []) if "Prefix" in p]
+        token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+        return objs, prefixes, token or None
 
     # -- data ---------------------------------------------------------------------------------------
 
