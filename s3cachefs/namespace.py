@@ -42,6 +42,9 @@ NEGATIVE_TTL = 5.0
 # The background listing applies this many keys per transaction, and ends by taking the index this
 # many inode numbers at a time, with the event loop's other requests in between.
 LISTING_BATCH = 50
+# Keys per LIST page of the background listing: botocore parses a page in one go with the
+# interpreter lock held (about 50 ms for 1000 keys here), which the event loop waits for.
+LISTING_PAGE = 200
 LISTING_SLICE = 20_000
 # Rows and directories whose check against S3 is remembered (metadata_ttl): a row that falls out is
 # only checked once more than needed.
@@ -290,7 +293,7 @@ class Namespace:
         started = time.monotonic()
         count = 0
         try:
-            async for objs, _ in self.s3.list_pages(self.prefix):
+            async for objs, _ in self.s3.list_pages(self.prefix, page_size=LISTING_PAGE):
                 # A transaction per batch, and the event loop's other requests between batches: a
                 # page of 1000 keys applied in one go held the loop for tens of ms.
                 for start in range(0, len(objs), LISTING_BATCH):

@@ -300,12 +300,14 @@ class S3:
         return await self._run(f"LIST {prefix}", fn)
 
     async def list_pages(
-        self, prefix: str, delimiter: str | None = None
+        self, prefix: str, delimiter: str | None = None, page_size: int = 1000
     ) -> AsyncIterator[tuple[list[ObjectInfo], list[str]]]:
-        """Yield (objects, common prefixes) one page (up to 1000 keys) at a time, never all at once."""
+        """Yield (objects, common prefixes) one page (up to page_size keys) at a time, never all at
+        once. A smaller page is parsed in shorter steps: botocore's XML parser holds the interpreter
+        lock for a whole page, and the event loop waits for the lock meanwhile."""
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
             if delimiter:
                 kwargs["Delimiter"] = delimiter
             if token:
