@@ -312,7 +312,9 @@ class S3:
                 kwargs["Delimiter"] = delimiter
             if token:
                 kwargs["ContinuationToken"] = token
-            objs, prefixes, token = await self._run(f"LIST {prefix}", functools.partial(self._list_page, kwargs))
+            objs, prefixes, token = await self._run(
+                f"LIST {prefix}", functools.partial(self._list_page, kwargs)
+            )
             yield objs, prefixes
             if not token:
                 return
