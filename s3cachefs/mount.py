@@ -172,9 +172,28 @@ def _unsafe_dir(st: os.stat_result) -> str | None:
     return None
 
 
+def _unsafe_ancestor(path: Path) -> str | None:
+    """As root (sshd's StrictModes): a directory above the cache that others can write to lets them
+    swap the cache directory, between our checks and our opens, for one of their own making; unless
+    it is root's and sticky, like /tmp, where nobody may rename what is not theirs."""
+    if os.geteuid() != 0:
+        return None
+    parent = Path(os.path.realpath(path.parent))
+    for d in (*parent.parents[::-1], parent):
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue  # made below, by us
+        if st.st_mode & stat.S_IWOTH and not (st.st_uid == 0 and st.st_mode & stat.S_ISVTX):
+            return f"{d} above it is writable by others and not sticky (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def _check_cache_dir(path: Path) -> None:
     """Create the cache directory if it is missing, then refuse it unless it is a real directory of
     ours that nobody else can write to, with no symlink in place of what the cache opens by name."""
+    if (why := _unsafe_ancestor(path)) is not None:
+        raise ConfigError(f"cache dir {path}: {why}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The last component made here, 0700, or left as it is when it exists and judged by lstat

@@ -397,3 +397,19 @@ def test_a_lock_hard_linked_to_another_file_is_refused_and_that_file_left_alone(
     line = _refused_at_start(make_mount(cache_dir=cache, start=False))
     assert f"cache dir {cache}: lock is not a regular file of ours with one link" in line
     assert target.read_bytes() == b"not the daemon's to truncate\n"
+
+
+def test_a_cache_dir_below_a_directory_others_can_write_to_is_refused_unless_it_is_sticky(
+    make_mount: MakeMount, tmp_path: Path
+) -> None:
+    # Whoever can write to a directory above the cache can swap the cache directory for one of
+    # their own between the daemon's checks and its opens; a root-owned sticky one (like /tmp)
+    # lets nobody rename what is not theirs.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    line = _refused_at_start(make_mount(cache_dir=shared / "cache", start=False))
+    assert f"{shared} above it is writable by others and not sticky" in line
+    os.chmod(shared, 0o1777)
+    m = make_mount(cache_dir=shared / "cache2")
+    assert m.is_mounted()
