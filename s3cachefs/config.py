@@ -224,6 +224,41 @@ def policy_for(policies: tuple[PathPolicy, ...], relpath: str) -> PathPolicy | N
 
 
 @dataclass(frozen=True)
+class SynapseOptions:
+    """The `[synapse]` table: where Synapse's admin API is, for following its quarantine changes
+    (quarantine.py). The token is read from its file at each poll (so a new one is picked up), never
+    kept in the config or logged."""
+
+    admin_url: str
+    admin_token_file: Path
+    quarantine_poll_interval: float = 30.0
+
+
+SYNAPSE_FILE_KEYS = ("admin_url", "admin_token_file", "quarantine_poll_interval")
+
+
+def parse_synapse(raw: Any) -> SynapseOptions:
+    if not isinstance(raw, dict):
+        raise ConfigError("synapse: expected a [synapse] table")
+    unknown = sorted(set(raw) - set(SYNAPSE_FILE_KEYS))
+    if unknown:
+        raise ConfigError(f"synapse: unknown key(s): {', '.join(unknown)}")
+    url = raw.get("admin_url")
+    if not isinstance(url, str) or not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise ConfigError(
+            f"synapse: admin_url: expected http://host[:port] or https://host[:port], got {url!r}"
+        )
+    token_file = raw.get("admin_token_file")
+    if not isinstance(token_file, str) or not token_file:
+        raise ConfigError("synapse: admin_token_file: required (a file holding an admin access token)")
+    interval = raw.get("quarantine_poll_interval", "30s")
+    secs = parse_duration(interval, "synapse: quarantine_poll_interval")
+    if secs <= 0:
+        raise ConfigError(f"synapse: quarantine_poll_interval: must be more than zero, got {interval!r}")
+    return SynapseOptions(url.rstrip("/"), Path(token_file).absolute(), secs)
+
+
+@dataclass(frozen=True)
 class Config:
     s3: S3Options
     mountpoint: Path
@@ -256,6 +291,8 @@ class Config:
     # (host, port) of the Prometheus endpoint, None: off. No authentication: loopback or a private
     # interface only (docs/metrics.md).
     metrics_addr: tuple[str, int] | None = None
+    # The `[synapse]` table: follow Synapse's quarantine changes (None: off).
+    synapse: SynapseOptions | None = None
 
     def key(self, relpath: str) -> str:
         return s3_key(self.s3.prefix, relpath)
@@ -305,6 +342,7 @@ MOUNT_FILE_KEYS = (
     "log_level",
     "log_file",
     "metrics_addr",
+    "synapse",
 )
 
 
@@ -552,4 +590,6 @@ def build_config(values: Mapping[str, Any]) -> Config:
     metrics_addr = _str(values, "metrics_addr")
     if metrics_addr:
         kwargs["metrics_addr"] = parse_metrics_addr(metrics_addr)
+    if values.get("synapse") is not None:
+        kwargs["synapse"] = parse_synapse(values["synapse"])
     return Config(**kwargs)

@@ -60,6 +60,7 @@ _STAT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "queued_deletes_done": ("deletes", ()),
     "damaged": ("damaged", ()),
     "direct_reads": ("direct_reads", ()),
+    "quarantine_removals": ("quarantine_removals", ()),
 }
 
 
@@ -203,6 +204,11 @@ class Metrics:
             "deletes": Counter("s3cachefs_deletes", "Queued S3 DELETEs done", registry=r),
             "damaged": Counter(
                 "s3cachefs_damaged_copies", "Damaged cached copies found and fetched again", registry=r
+            ),
+            "quarantine_removals": Counter(
+                "s3cachefs_quarantine_removals",
+                "Cached copies removed because Synapse quarantined their media",
+                registry=r,
             ),
             "direct_reads": Counter(
                 "s3cachefs_direct_reads",

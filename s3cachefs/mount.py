@@ -42,6 +42,7 @@ from .fs import Operations
 from .index import Index
 from .metrics import PUBLISH_EVERY, Exporter, Metrics
 from .namespace import Namespace
+from .quarantine import QuarantineFollower
 from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, SyncS3
 
 log = logging.getLogger(__name__)
@@ -524,6 +525,10 @@ async def _serve(parts: _Parts, config: Config) -> bool:
         # A lowered cap, a fuller disk or entries that aged while unmounted: settle them first.
         parts.cache.housekeeping()
         nursery.start_soon(_housekeeping, parts.cache)
+        if config.synapse is not None:
+            # Cached copies of media Synapse quarantines go (quarantine.py); a Synapse that is down
+            # or refuses the token is logged, never fatal.
+            await nursery.start(QuarantineFollower(parts.cache, config.synapse).run)
         if config.metrics_addr is not None:  # no index reads every second for nobody
             nursery.start_soon(_publish_gauges, parts)
         nursery.start_soon(_set_read_ahead, config.mountpoint, config.read_ahead, parts.kernel)

@@ -133,6 +133,7 @@ def collect(path: Path) -> dict[str, Any]:
         "uploads": stats.get("uploads", 0),
         "uploaded_bytes": stats.get("uploaded_bytes", 0),
         "damaged_refetched": stats.get("damaged", 0),
+        "quarantine_removals": stats.get("quarantine_removals", 0),
         "s3_calls": {k[3:]: v for k, v in sorted(stats.items()) if k.startswith("s3_")},
         "saves": saves,
     }
@@ -179,6 +180,7 @@ def render(s: dict[str, Any]) -> str:
         f"evictions        {s['evictions']} ({_size(s['evicted_bytes'])})",
         f"uploads          {s['uploads']} ({_size(s['uploaded_bytes'])})",
         f"damaged copies   {s['damaged_refetched']} found and fetched again",
+        f"quarantined      {s['quarantine_removals']} cached copies removed",
         "S3 calls         " + (", ".join(f"{k} {v}" for k, v in s["s3_calls"].items()) or "none"),
     ]
     return "\n".join(lines)

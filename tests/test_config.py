@@ -657,3 +657,32 @@ def test_mount_helper_form_refuses_unknown_or_malformed_options_with_exit_2(
 def test_a_mistyped_subcommand_without_o_is_still_a_usage_error() -> None:
     r = run_cli("mout", "media", "/mnt/x")
     assert r.returncode == 2 and "invalid choice: 'mout'" in r.stderr, r.stderr
+
+
+def test_synapse_table_is_read_with_a_30s_default_poll(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        'bucket = "media"\n[synapse]\nadmin_url = "http://127.0.0.1:8008/"\nadmin_token_file = "tok"\n',
+    )
+    _, c = config_from_args(["mount", "--config", str(path), str(tmp_path / "mnt")])
+    assert c.synapse is not None
+    assert c.synapse.admin_url == "http://127.0.0.1:8008"
+    assert c.synapse.admin_token_file.is_absolute()
+    assert c.synapse.quarantine_poll_interval == 30.0
+    _, plain = config_from_args(["mount", "media", str(tmp_path / "mnt")])
+    assert plain.synapse is None
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('admin_url = "127.0.0.1:8008"\nadmin_token_file = "t"', "admin_url"),
+        ('admin_url = "http://h:8008"', "admin_token_file: required"),
+        ('admin_url = "http://h:8008"\nadmin_token_file = "t"\ntoken = "x"', "unknown key(s): token"),
+        ('admin_url = "http://h"\nadmin_token_file = "t"\nquarantine_poll_interval = "0s"', "more than zero"),
+    ],
+)
+def test_bad_synapse_table_is_refused(tmp_path: Path, table: str, message: str) -> None:
+    path = write_toml(tmp_path, f'bucket = "media"\n[synapse]\n{table}\n')
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_args(["mount", "--config", str(path), str(tmp_path / "mnt")])

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from ..index import Index, Node, State
+from ..index import ROOT_INO, Index, Node, State, split_key_path
 from ..metrics import Gauges, Metrics
 from ..s3 import S3
 from . import states
@@ -274,6 +274,56 @@ class Cache:
     def replaced(self, ino: int, size: int, etag: str | None, mtime_ns: int, gen: int) -> None:
         """The object was replaced behind our back (states.replaced)."""
         states.replaced(self.store, ino, size, etag, mtime_ns, gen)
+
+    def drop_copies(self, relpaths: list[str]) -> tuple[int, list[str]]:
+        """Remove the cached copies of these files, and of the files directly in these directories
+        (a medium's thumbnails): CACHED -> REMOTE (states.demoted), the object in S3 untouched, so the
+        next open fetches it again. For media Synapse quarantined (quarantine.py).
+
+        A file open right now is left alone and its path returned, to be tried again later; QUEUED
+        and LOCAL rows are left too (their copy is the only one). Returns (copies removed, paths to
+        try again)."""
+        removed, busy = 0, []
+        for rel in relpaths:
+            node = self._node_at(rel)
+            if node is None:
+                continue
+            files = self._files_in(node.ino) if node.is_dir else [node]
+            for f in files:
+                if f.state != State.CACHED:
+                    continue
+                if self.store.busy(f.ino):
+                    busy.append(
+                        rel if not node.is_dir else f"{rel}/{f.name.decode(errors='surrogateescape')}"
+                    )
+                    continue
+                # File first, as space.relieve_disk does: a crash in between leaves a CACHED row
+                # whose file is missing, which its next open demotes.
+                self.store.unlink_data(f.ino)
+                self.store.content_replaced(f.ino)
+                states.demoted(self.store, f.ino)
+                self.store.stats["quarantine_removals"] += 1
+                removed += 1
+        return removed, busy
+
+    def _node_at(self, relpath: str) -> Node | None:
+        parts = split_key_path(relpath)
+        if parts is None:
+            return None
+        node = self.index.get(ROOT_INO)
+        for name in parts:
+            if node is None or not node.is_dir:
+                return None
+            node = self.index.lookup(node.ino, name)
+        return node
+
+    def _files_in(self, parent: int) -> list[Node]:
+        out: list[Node] = []
+        after = 0
+        while batch := self.index.children(parent, after):
+            out += [n for n in batch if not n.is_dir]
+            after = batch[-1].ino
+        return out
 
     # -- space --------------------------------------------------------------------------------------
 

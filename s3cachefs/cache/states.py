@@ -13,6 +13,7 @@ committed, so a retried commit never counts twice.
       REMOTE ──────────────────────────────────────────────────────────────────────────▶ CACHED
       ▲ ▲ ▲ ◀──── evicted(): LRU over the cap, max age, disk full (never open or written) ── │
       │ │ │  ◀──── demoted(): the cached copy is missing, of the wrong length or damaged ── │
+      │ │ │          (also: its medium was quarantined by Synapse, Cache.drop_copies)        │
       │ │ └───── replaced(): the listing, a HEAD past the metadata TTL or a GET's 412 (If-Match)
       │ │          shows another ETag (object replaced behind our back)
       │ │                                                                                  │
