@@ -154,14 +154,6 @@ def test_at_mount_an_unfinished_write_goes_back_to_s3_or_away(store: Store) -> N
     consistent(store)
 
 
-def test_an_upload_that_ends_after_an_unlink_began_records_its_object_for_the_delete(store: Store) -> None:
-    node = new_file(store, "a", State.WRITING, 0, etag=None)
-    states.uploaded_meanwhile(store, node.ino, 12, "e5")
-    now = row(store, node.ino)
-    assert (now.state, now.size, now.etag) == (State.WRITING, 12, "e5")
-    consistent(store)
-
-
 def test_an_async_close_queues_the_upload_and_its_sending_makes_the_file_cached(store: Store) -> None:
     node = new_file(store, "a", State.REMOTE, 4, etag="old")
     states.writing(store, node.ino)

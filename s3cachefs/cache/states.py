@@ -33,7 +33,6 @@ committed, so a retried commit never counts twice.
                                 (or a HEAD past the metadata TTL finds no object), a first write
                                 that failed with no older version (reverted())
       WRITING ── orphaned() ──▶ REMOTE or (removed): at mount, a write whose close never succeeded
-      WRITING ── uploaded_meanwhile() ──▶ WRITING with an S3 version: unlinked while its upload ran
       any file with a writer ── unsent() ──▶ WRITING with no S3 version: renamed while open for writing
 
 A queued DELETE is no row state: the row is removed (dropped()) and its key entered in the index's
@@ -234,15 +233,6 @@ def reverted(store: Store, write: Write, ino: int, prev: tuple[int, str] | None,
         store.cached_bytes += size
         store.cached_files += 1
     return False
-
-
-def uploaded_meanwhile(store: Store, ino: int, size: int, etag: str) -> None:
-    """WRITING stays WRITING, but S3 now holds `etag` under the file's name: its upload finished
-    after an unlink had begun, and that unlink's DELETE, which waits for the upload, must not skip
-    it as a file that never reached S3."""
-    node = store.index.get(ino)
-    if node is not None and node.state == State.WRITING:
-        store.index.set_object(ino, State.WRITING, size, etag, node.mtime_ns, store.index.listing_gen)
 
 
 def demoted(store: Store, ino: int) -> None:

@@ -233,9 +233,8 @@ class Writes:
                 if info is None:
                     info = await self.s3.put_file(store.prefix + rel, w.path)
                 if w.unlinked:
-                    # Unlinked while the upload ran: the unlink queued a DELETE after this PUT (its
-                    # row is gone). Recorded for an unlink that reads the row after it, all the same.
-                    states.uploaded_meanwhile(store, w.ino, info.size, info.etag)
+                    # Unlinked while the upload ran: its row is gone, and the DELETE the unlink
+                    # queued runs after this PUT (the key's lock), so nothing is left in S3.
                     return
                 assert self.index.get(w.ino) is not None, "a written file's row is only removed by unlink"
                 self.evictor.make_room(info.size)
