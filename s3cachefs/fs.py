@@ -31,7 +31,7 @@ import pyfuse3
 import trio
 
 from .cache import Cache, Download, Writer
-from .index import Index, Node, State, count_files
+from .index import Index, Node, State
 from .metrics import Metrics
 from .namespace import Freshness, Namespace
 from .s3 import AccessDenied, CircuitOpen, NotFound, S3Error
@@ -278,9 +278,7 @@ class Operations(pyfuse3.Operations):
 
         async def refresh() -> None:
             try:
-                self._totals = await trio.to_thread.run_sync(
-                    count_files, self.index.path, limiter=self.limiter
-                )
+                self._totals = await self.cache.count_files()
                 self._totals_at = time.monotonic()
             except sqlite3.Error as e:
                 log.debug("statfs: counting the index failed: %s", e)

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from ..index import ROOT_INO, Index, Node, State, split_key_path
+from ..index import ROOT_INO, Index, Node, State, count_files, split_key_path
 from ..metrics import Gauges, Metrics
 from ..s3 import S3
 from . import states
@@ -52,6 +52,7 @@ class Cache:
         self.store = Store(root, index, prefix, clock, metrics)
         self.policies = Policies(limits.policies, limits.default_max_age)
         self.space = Space(self.store)
+        self.disk = disk
         self.evictor = Evictor(self.store, limits, disk)
         self.downloads = Downloads(self.store, s3, limits, self.evictor, self.space, disk)
         self.keys = KeyLocks()
@@ -108,6 +109,11 @@ class Cache:
 
     async def run_reaper(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.evictor.run_reaper(task_status=task_status)
+
+    async def count_files(self) -> tuple[int, int]:
+        """(files, bytes) in the index, for statfs: a scan of every row, in a local-disk worker
+        thread on a read-only connection of its own, never on the event loop."""
+        return await trio.to_thread.run_sync(count_files, self.index.path, limiter=self.disk)
 
     def housekeeping(self) -> None:
         """Periodic: age limit, free space taken by others, pending access times, counters.
