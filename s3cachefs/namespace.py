@@ -317,7 +317,7 @@ class Namespace:
                     for node in self.index.stale_files(gen, lo, lo + LISTING_SLICE):
                         if self.cache.busy(node.ino) or self.index.get(node.ino) is None:
                             continue
-                        self.cache.drop(node.ino, durable=False)
+                        self.cache.drop(node.ino, commit=False)
                         self.on_changed(node.ino, node)
                         dropped += 1
                     self.index.mark_dirs_complete(lo, lo + LISTING_SLICE)
@@ -564,23 +564,9 @@ class Namespace:
             cur = self.index.get(src.ino)
             if cur is None or self.index.relpath(src.ino) != src_rel:
                 raise _err(errno.ENOENT, "rename")
-            now = time.time()
-
-            def record() -> None:
-                self.index.move(src.ino, p_new, n_new)
-                self.index.set_class(src.ino, dst_k.columns)
-                if not src_k.local_only:
-                    self.index.queue_delete(src_rel, now)
-                    self.index.queue_delete(dst_rel, now)
-
             self.cache.renamed_while_written(src.ino)
-            replaced = self.index.lookup(p_new, n_new)
-            if replaced is not None:
-                self.cache.drop(replaced.ino, also=record)
-            else:
-                self.cache.index_write(record, durable=True)
-        self._gone(src_rel)
-        self.negative.pop(dst_rel, None)
+            deletes = () if src_k.local_only else (src_rel, dst_rel)
+            self._move_file_row(cur, src_rel, p_new, n_new, dst_rel, dst_k, queue_deletes=deletes)
 
     def _move_file_row(
         self,
@@ -592,11 +578,15 @@ class Namespace:
         klass: Klass,
         info: ObjectInfo | None = None,
         deletes_upto: int | None = None,
+        queue_deletes: tuple[str, ...] = (),
     ) -> None:
         """Point the row at its new name (and at `info`, the object now under that name, if given),
         replacing whatever file had that name. The index changes are one transaction, retried on a
-        full disk (Cache.index_write); the replaced file's cached copy goes once they are in."""
+        full disk (Cache.index_write); the replaced file's cached copy goes once they are in.
+        `queue_deletes`: keys whose DELETE is queued in the same commit, then made durable (the
+        rename returns on it, as an unlink does)."""
         replaced = self.index.lookup(p_new, n_new)
+        now = time.time()
 
         def record() -> None:  # index changes only: it may run twice
             self.index.move(src.ino, p_new, n_new)
@@ -607,11 +597,14 @@ class Namespace:
                 )
             if deletes_upto is not None:
                 self.index.drop_deletes(dst_rel, deletes_upto)
+            for rel in queue_deletes:
+                self.index.queue_delete(rel, now)
 
-        if replaced is not None:
-            self.cache.drop(replaced.ino, also=record)  # one transaction: the name changes hands
+        durable = bool(queue_deletes)
+        if replaced is not None:  # one transaction: the name changes hands
+            self.cache.drop(replaced.ino, also=record, durable=durable)
         else:
-            self.cache.index_write(record)
+            self.cache.index_write(record, durable=durable)
         self._gone(src_rel)
         self.negative.pop(dst_rel, None)
 

@@ -272,10 +272,12 @@ class Cache:
         """A QUEUED file must be in S3 now (a rename copies it there): send it, waiting for S3."""
         await self.queue.send(ino)
 
-    def drop(self, ino: int, also: Change | None = None, durable: bool = True) -> None:
-        """The file leaves the namespace (states.dropped); `also` commits with it. durable: commit
-        now, retried on a full disk; otherwise inside the transaction the caller holds."""
-        states.dropped(self.store, self.space.index_write if durable else states.direct, ino, also)
+    def drop(self, ino: int, also: Change | None = None, commit: bool = True, durable: bool = False) -> None:
+        """The file leaves the namespace (states.dropped); `also` commits with it. commit: now,
+        retried on a full disk (durable: with synchronous=FULL, see index_write); otherwise inside
+        the transaction the caller holds."""
+        write = self.space.durable_write if durable else self.space.index_write
+        states.dropped(self.store, write if commit else states.direct, ino, also)
 
     def replaced(self, ino: int, size: int, etag: str | None, mtime_ns: int, gen: int) -> None:
         """The object was replaced behind our back (states.replaced)."""
