@@ -116,9 +116,7 @@ def _check_mountpoint(path: Path) -> os.stat_result:
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             # A previous instance died without unmounting ("Transport endpoint is not connected").
-            log.warning("clearing a dead mount at %s", path)
-            subprocess.run(["fusermount3", "-uz", str(path)], check=False, capture_output=True)
-            st = os.stat(path)
+            st = _clear_dead_mount(path, "")
         elif e.errno == errno.ENOENT:
             raise ConfigError(f"mount point {path}: does not exist") from None
         else:
@@ -129,12 +127,17 @@ def _check_mountpoint(path: Path) -> os.stat_result:
         # Killed (a crash, the watchdog): stat() above still answered from the kernel's attribute
         # cache (ATTR_TIMEOUT), but nothing serves the mount any more. Clear it, or the restart
         # would exit 2 and systemd's RestartPreventExitStatus=2 would stop retrying.
-        log.warning("clearing a dead mount at %s (its daemon is gone)", path)
-        subprocess.run(["fusermount3", "-uz", str(path)], check=False, capture_output=True)
-        st = os.stat(path)
+        st = _clear_dead_mount(path, " (its daemon is gone)")
     if os.path.ismount(path):
         raise ConfigError(f"mount point {path}: something is already mounted there")
     return st
+
+
+def _clear_dead_mount(path: Path, why: str) -> os.stat_result:
+    """Lazily unmount what a dead daemon left at `path`; the stat of what is there then."""
+    log.warning("clearing a dead mount at %s%s", path, why)
+    subprocess.run(["fusermount3", "-uz", str(path)], check=False, capture_output=True)
+    return os.stat(path)
 
 
 def _dead_mount_of_ours(path: Path) -> bool:
