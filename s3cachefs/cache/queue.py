@@ -175,7 +175,8 @@ class Queue:
         """Retry everything now and return once both queues are empty (the caller bounds the time).
         Returns how many entries were left when it began."""
         self._retry.clear()
-        left = len(self.index.upload_queue(PICK)) + len(self.index.delete_queue(PICK))
+        q = self.index.queue_summary(self.store.clock())
+        left = int(q["queued_uploads"] + q["queued_deletes"])
         while self.index.upload_queue(1) or self.index.delete_queue(1):
             self.wake()
             await trio.sleep(0.1)
