@@ -45,12 +45,10 @@ import os
 import platform
 import random
 import re
-import shutil
 import signal
 import string
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -62,7 +60,8 @@ from typing import TYPE_CHECKING
 import boto3
 import botocore.config
 
-from tests.harness import REPO_ROOT, TEST_REGION, HarnessError, Mount, S3Server, fuse_mounts
+from bench.workdir import run_dir
+from tests.harness import REPO_ROOT, TEST_REGION, HarnessError, Mount, S3Server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -469,20 +468,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def run_dir(args: argparse.Namespace) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="s3cfs-liststall-", dir=args.workdir))
-    try:
-        yield path
-    finally:
-        if args.keep:
-            log(f"kept {path}")
-        elif any(m.startswith(str(path)) for m in fuse_mounts()):
-            log(f"not removing {path}: a mount below it is still there")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -498,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print("\n".join(head), flush=True)
     notes: list[str] = []
-    with run_dir(args) as base, contextlib.ExitStack() as stack:
+    with run_dir("s3cfs-liststall-", args.workdir, args.keep, log) as base, contextlib.ExitStack() as stack:
         s3 = S3Server(base / "s3")
         stack.callback(s3.stop)  # registered before start: a half-started server is stopped too
         s3.start()

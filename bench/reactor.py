@@ -56,10 +56,9 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -68,6 +67,7 @@ from typing import Any
 
 from PIL import Image
 
+from bench.workdir import run_dir
 from tests.harness import (
     LOOPBACK,
     REPO_ROOT,
@@ -75,7 +75,6 @@ from tests.harness import (
     HarnessError,
     Mount,
     S3Server,
-    fuse_mounts,
     wait_until,
     weed_binary,
 )
@@ -816,20 +815,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def run_dir(args: argparse.Namespace) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="s3cfs-reactor-", dir=args.workdir))
-    try:
-        yield path
-    finally:
-        if args.keep:
-            log(f"kept {path}")
-        elif any(m.startswith(str(path)) for m in fuse_mounts()):
-            log(f"not removing {path}: a mount below it is still there")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if "provider" in args.stores and version("synapse-s3-storage-provider") == "not installed":
@@ -842,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(head, flush=True)
     results: dict[int, dict[str, list[Phase]]] = {rtt: {s: [] for s in args.stores} for rtt in args.rtts}
     notes: list[str] = []
-    with run_dir(args) as base, contextlib.ExitStack() as stack:
+    with run_dir("s3cfs-reactor-", args.workdir, args.keep, log) as base, contextlib.ExitStack() as stack:
         s3 = S3Server(base / "s3")
         stack.callback(s3.stop)  # registered before start: a half-started server is stopped too
         s3.start()
