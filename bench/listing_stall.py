@@ -11,7 +11,7 @@ this one event loop, so any stretch of the listing that does not yield is a stal
      id), with boto3 in a pool of --threads threads. Bounded by --max-put-seconds: past it no more puts
      are started and the run goes on with what was put (said in the output).
   2. Mounts s3cachefs on it with an empty cache (tests.harness.Mount); the background listing starts at
-     once. Right after the mount appears, creates through it a probe directory `listing-probe/` (made
+     once. Right after the mount appears, creates through it a probe directory `listing-probe-RANDOM/` (made
      by mkdir, so its listing is complete) and a 100-byte file in it (cached, never waits on S3).
   3. Until the mount logs "listed N objects in Xs" (bounded by --max-listing-seconds), a probe every
      10 ms, timed as a whole:
@@ -41,6 +41,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
+import json
 import os
 import platform
 import random
@@ -456,6 +458,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--workdir", default=None, help="parent of the run's directory (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the run's directory (server data, logs, cache)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="a directory kept across runs for the server's data: the first run puts the objects there "
+        "(and records them in put.json), later runs with the same --objects reuse them and only measure",
+    )
     ap.add_argument("--output", default="bench/listing-stall-results.md", help="markdown file ('' for none)")
     args = ap.parse_args(argv)
     if not 1 <= args.objects <= 10_000_000:
@@ -484,13 +492,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(head), flush=True)
     notes: list[str] = []
     with run_dir("s3cfs-liststall-", args.workdir, args.keep, log) as base, contextlib.ExitStack() as stack:
-        s3 = S3Server(base / "s3")
+        data = Path(args.data) if args.data else base / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        s3 = S3Server(data)
         stack.callback(s3.stop)  # registered before start: a half-started server is stopped too
         s3.start()
-        bucket = s3.new_bucket()
-        log(f"SeaweedFS at {s3.endpoint_url}, bucket {bucket}; putting {args.objects} objects")
-        put = put_objects(s3, bucket, args.objects, args.threads, args.max_put_seconds)
-        log(f"put {put.done} objects in {put.seconds:.0f}s ({put.rate:.0f}/s), {put.failed} failed")
+        record = data / "put.json"
+        earlier = json.loads(record.read_text()) if record.exists() else None
+        if earlier is not None and earlier["wanted"] == args.objects:
+            bucket = earlier["bucket"]
+            put = PutResult(**{k: v for k, v in earlier.items() if k != "bucket"})
+            log(f"SeaweedFS at {s3.endpoint_url}, reusing bucket {bucket} ({put.done} objects put earlier)")
+            notes.append(f"objects put by an earlier run into {data} (its figures given above)")
+        else:
+            bucket = s3.new_bucket()
+            log(f"SeaweedFS at {s3.endpoint_url}, bucket {bucket}; putting {args.objects} objects")
+            put = put_objects(s3, bucket, args.objects, args.threads, args.max_put_seconds)
+            log(f"put {put.done} objects in {put.seconds:.0f}s ({put.rate:.0f}/s), {put.failed} failed")
+            if args.data:
+                record.write_text(json.dumps({"bucket": bucket, **dataclasses.asdict(put)}))
 
         mount = Mount(s3, bucket, base / "mnt", base / "cache", base / "mount.log")
         stack.callback(lambda: notes.extend(mount.cleanup()))
@@ -503,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(watcher.join, 10)
         stack.callback(watcher.stop.set)
 
-        probe_dir = mount.path / "listing-probe"
+        probe_dir = mount.path / f"listing-probe-{os.urandom(4).hex()}"  # new at every run: --data
         probe_file = probe_dir / "known.png"
         expect = os.urandom(OBJECT_BYTES)
         t = time.monotonic()
