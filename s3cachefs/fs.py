@@ -254,7 +254,7 @@ class Operations(pyfuse3.Operations):
                 try:
                     os.ftruncate(w.fd, attr.st_size)
                     self.cache.truncated(w)
-                    await self.cache.upload(w)
+                    await self.cache.upload(w, defer_empty=True)
                 finally:
                     w.handles -= 1
                     if w.handles == 0:
@@ -535,7 +535,7 @@ class Operations(pyfuse3.Operations):
         # close(): the only place the writer can still be told that its data did not make it.
         h = self._handle(fh)
         if h.writer is not None:
-            await self.cache.upload(h.writer)
+            await self.cache.upload(h.writer, defer_empty=True)
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

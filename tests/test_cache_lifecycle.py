@@ -436,6 +436,61 @@ def test_an_empty_file_never_has_a_placeholder_and_the_last_close_puts_the_data(
     assert bucket_objects(s3, mounted.bucket) == {"local_content/ab/cd/x": b"content"}
 
 
+def test_a_dup_or_inherited_descriptor_still_open_keeps_an_empty_file_from_being_put(
+    mounted: Mount, s3: S3Client
+) -> None:
+    # FUSE sends FLUSH at every close() with the one handle all dup()s and fork()ed copies share;
+    # `cmd > file` closes the shell's first descriptor before cmd writes. Nothing is put until the
+    # data is there (no empty object in between), and the last close of an empty file still puts one.
+    path = mounted.path / "local_content/ab/cd/dup"
+    path.parent.mkdir(parents=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    copy = os.dup(fd)
+    try:
+        os.close(fd)
+        assert bucket_objects(s3, mounted.bucket) == {}
+        os.write(copy, b"data")
+    finally:
+        os.close(copy)
+    assert bucket_objects(s3, mounted.bucket) == {"local_content/ab/cd/dup": b"data"}
+
+    # Held by a child process (inherited): the parent's close leaves it to the child's exit.
+    inherited = mounted.path / "local_content/ab/cd/inherited"
+    fd = os.open(inherited, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    child = subprocess.Popen(["sleep", "30"], pass_fds=[fd])
+    try:
+        os.close(fd)
+        assert "local_content/ab/cd/inherited" not in bucket_objects(s3, mounted.bucket)
+    finally:
+        child.kill()
+        child.wait(10)
+    assert wait_until(
+        lambda: bucket_objects(s3, mounted.bucket).get("local_content/ab/cd/inherited") == b"", 10
+    ), "the child's exit was the last close of an empty file: a 0-byte object"
+
+
+def test_a_shell_redirect_puts_the_commands_output_and_never_an_empty_object(
+    mounted: Mount, s3: S3Client
+) -> None:
+    path = mounted.path / "local_content/ab/cd/redirect"
+    path.parent.mkdir(parents=True)
+    key = "local_content/ab/cd/redirect"
+    # As a shell runs `cmd > file`: the file opened, handed to the command as its stdout, and the
+    # first descriptor closed (FLUSH with the file empty) before the command has written anything.
+    with open(path, "wb") as out:
+        shell = subprocess.Popen(["sh", "-c", 'read line; echo "$line"', "sh"], stdin=subprocess.PIPE,
+                                 stdout=out)  # fmt: skip
+    assert shell.stdin is not None
+    try:
+        assert key not in bucket_objects(s3, mounted.bucket)
+        shell.stdin.write(b"from the shell\n")
+        shell.stdin.close()
+        assert shell.wait(30) == 0
+    finally:
+        shell.kill()
+    assert bucket_objects(s3, mounted.bucket)[key] == b"from the shell\n"
+
+
 def test_a_file_empty_at_its_last_close_is_a_real_0_byte_object(mounted: Mount, s3: S3Client) -> None:
     # Synapse accepts and serves a 0-byte upload; once the cache is lost, only S3 can serve it.
     empty = mounted.path / "local_content/ab/cd/empty"

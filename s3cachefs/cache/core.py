@@ -191,8 +191,8 @@ class Cache:
     def truncated(self, w: Writer) -> None:
         self.writes.truncated(w)
 
-    async def upload(self, w: Writer) -> None:
-        await self.writes.upload(w)
+    async def upload(self, w: Writer, defer_empty: bool = False) -> None:
+        await self.writes.upload(w, defer_empty)
 
     async def finish_write(self, w: Writer) -> bool:
         return await self.writes.finish(w)

@@ -24,6 +24,7 @@ import time
 
 import trio
 
+from .. import holders
 from ..index import IN_CACHE, Node, State
 from ..s3 import MAX_PARTS, S3, MultipartUpload, ObjectInfo, S3Error, first_error, md5_fd
 from . import states
@@ -194,8 +195,11 @@ class Writes:
 
     # -- uploading ----------------------------------------------------------------------------------
 
-    async def upload(self, w: Writer) -> None:
-        """Make S3 hold exactly the staging file's bytes; on return the write is durable."""
+    async def upload(self, w: Writer, defer_empty: bool = False) -> None:
+        """Make S3 hold exactly the staging file's bytes; on return the write is durable.
+
+        defer_empty: a close() (FLUSH) or a truncate(path) may leave an empty file to a later close
+        of another descriptor; an fsync() always settles the file."""
         store = self.store
         async with w.lock:
             if w.failed is not None:
@@ -212,14 +216,13 @@ class Writes:
                 await self._commit_local(w, generation)
                 return
             size = os.fstat(w.fd).st_size
-            if size == 0 and w.handles > 1:
+            if size == 0 and defer_empty and (w.handles > 1 or await self._held_elsewhere(w, rel)):
                 # Empty, and another descriptor is open for writing: its close settles the file (with
                 # its data, or as an empty object). A file still empty at its last close is a real
                 # 0-byte object, put below like any other, so that an error reaches that close().
-                # (FUSE cannot tell a close of one of several dup()ed descriptors from the last one:
-                # `cmd > file` closes its first descriptor before the data comes, and that close
-                # puts an empty object, which the last close replaces, as a local disk shows an
-                # empty file meanwhile.)
+                # Another descriptor is either another open (another handle) or a dup()ed or
+                # inherited copy of this one, which FUSE cannot see (holders.py): a shell's
+                # `cmd > file` closes its first descriptor before the data comes.
                 return
             if klass.async_upload and self.queue.admits(size):
                 await self._commit_queued(w, generation)
@@ -247,6 +250,12 @@ class Writes:
             self._committed(w, generation)
             store.stats["uploads"] += 1
             store.stats["uploaded_bytes"] += info.size
+
+    async def _held_elsewhere(self, w: Writer, rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return await trio.to_thread.run_sync(
+            holders.open_for_writing_elsewhere, name, w.ino, limiter=self.disk
+        )
 
     async def _commit_queued(self, w: Writer, generation: int) -> None:
         """close() of an upload = "async" file: durable on the cache disk, its upload queued.
