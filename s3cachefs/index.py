@@ -590,14 +590,16 @@ class Index:
         )
 
     def suspend_checkpoints(self) -> None:
-        """No automatic checkpoint at commit until resume_checkpoints(). After a large transaction
-        that checkpoint copies every page it changed into the database file (~0.2 s for an eviction
-        pass of 30k rows), in whichever commit comes next; checkpoint(path) does it in a worker
-        thread instead."""
+        """No automatic checkpoint at commit until resume_checkpoints(): checkpoint(path) runs in a
+        worker thread instead (cache/space.py run_checkpoints says why)."""
         self.db.execute("PRAGMA wal_autocheckpoint=0")
 
     def resume_checkpoints(self) -> None:
         self.db.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
+
+    def changes(self) -> int:
+        """Rows changed through this connection since it opened (whether a checkpoint is due)."""
+        return self.db.total_changes
 
     @contextlib.contextmanager
     def transaction(self, atomic: bool = False, durable: bool = False) -> Iterator[None]:

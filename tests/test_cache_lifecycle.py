@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable
@@ -17,8 +19,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from s3cachefs.cache import INLINE_UNLINKS, Cache, Limits
+from s3cachefs.cache.space import Space
+from s3cachefs.cache.store import Store
 from s3cachefs.config import DEFAULT_POLICIES, PathPolicy, S3Options
-from s3cachefs.index import ROOT_INO, Index, State
+from s3cachefs.index import ROOT_INO, Index, State, checkpoint
 from s3cachefs.s3 import S3
 
 from .harness import (
@@ -280,6 +284,48 @@ def test_a_crash_between_evicting_rows_and_removing_their_files_serves_no_stale_
         index.close()
 
     trio.run(second_run)
+
+
+def test_commits_leave_the_index_checkpoint_to_a_worker_thread_while_the_cache_runs(tmp_path: Path) -> None:
+    # SQLite's automatic checkpoint copies the WAL into the database file inside a commit, i.e. on
+    # the event loop: tens of milliseconds without an answer to any FUSE request. While the cache
+    # runs, commits skip it and a worker thread does it (Space.run_checkpoints).
+    index = Index(tmp_path / "index.sqlite")
+    space = Space(Store(tmp_path, index, ""))
+    checkpoint(index.path)  # the schema into the database file
+
+    def rows_in_the_database_file() -> int:
+        """Rows a checkpoint has copied: the database file alone, without its WAL."""
+        copy = tmp_path / "copy.sqlite"
+        shutil.copyfile(index.path, copy)
+        db = sqlite3.connect(copy)
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]) - 1  # the root's row
+        finally:
+            db.close()
+            for p in tmp_path.glob("copy.sqlite*"):
+                p.unlink()
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(space.run_checkpoints, trio.CapacityLimiter(1))
+            # No await from here to the assert: the checkpoint task cannot run in between.
+            for i in range(3000):
+                with index.transaction():
+                    index.add_file(ROOT_INO, f"f{i}".encode(), State.REMOTE, 1, "e", 1, 0)
+            wal = os.stat(f"{index.path}-wal").st_size
+            assert wal > 1000 * 4096, "past the size at which a commit would checkpoint"
+            assert rows_in_the_database_file() == 0, "a commit checkpointed on the event loop"
+            with trio.move_on_after(20):
+                while rows_in_the_database_file() < 3000:
+                    await trio.sleep(0.1)
+            assert rows_in_the_database_file() == 3000, "the worker thread checkpointed everything"
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    # Stopped: commits checkpoint on their own again (SQLite's default of 1,000 pages).
+    assert index.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    index.close()
 
 
 def test_a_policy_change_gives_every_file_the_class_of_its_path(tmp_path: Path) -> None:

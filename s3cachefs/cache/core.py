@@ -89,10 +89,11 @@ class Cache:
         states.orphaned(self.store)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The cache's background work, started with nursery.start: the reaper, and a nursery for
-        downloads and pipelined uploads, which go on when the request that started them is answered.
-        Returns when cancelled (the mount is going down)."""
+        """The cache's background work, started with nursery.start: the index's checkpoints, the
+        reaper, the upload queue, and a nursery for downloads and pipelined uploads, which go on when
+        the request that started them is answered. Returns when cancelled (the mount is going down)."""
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.space.run_checkpoints, self.disk)
             await nursery.start(self.evictor.run_reaper)
             await nursery.start(self.queue.run)
             self.store.nursery = nursery

@@ -16,7 +16,7 @@ import time
 
 import trio
 
-from ..index import IN_CACHE, State, checkpoint
+from ..index import IN_CACHE, State
 from . import states
 from .space import fs_bytes
 from .store import Limits, Store, unlink_quiet
@@ -46,7 +46,6 @@ class Evictor:
         self._reaped = trio.Event()
         self._trash_tag = os.urandom(4).hex()  # trash/ names of this run never meet a crash's leftovers
         self._trashed = 0
-        self._checkpoint_wanted = False  # the index commits without checkpoints until the reaper ran one
         self._last_warning = 0.0
 
     # -- passes -------------------------------------------------------------------------------------
@@ -130,11 +129,6 @@ class Evictor:
         """
         if not victims:
             return
-        if self.reaper_running and not self._checkpoint_wanted:
-            # The reaper checkpoints the index in a worker thread; until then commits skip it.
-            self.index.suspend_checkpoints()
-            self._checkpoint_wanted = True
-            self._wake_reaper()
         states.evicted(self.store, victims)
         inline = victims if not self.reaper_running else victims[:INLINE_UNLINKS]
         self._reap([ino for ino, _, _ in inline], to_trash=False)  # a failure to record it is harmless
@@ -194,7 +188,6 @@ class Evictor:
         Per step: up to REAP_CHUNK files are moved to trash/ on the event loop (a rename frees no
         blocks, so it is cheap even where an unlink waits for a discard), then unlinked in a worker
         thread. Until then their bytes count as free for the free-space floor (pending_bytes).
-        Before that, the checkpoint of the index that the pass's commit skipped, in a worker thread.
         """
         store = self.store
         self.reaper_running = True
@@ -208,13 +201,6 @@ class Evictor:
             while True:
                 await self._reap_wanted.wait()
                 self._reap_wanted = trio.Event()
-                if self._checkpoint_wanted:
-                    try:
-                        await trio.to_thread.run_sync(checkpoint, self.index.path, limiter=self.disk)
-                    except sqlite3.Error as e:
-                        log.warning("checkpoint of the index failed (the next commit does it): %s", e)
-                    self._checkpoint_wanted = False
-                    self.index.resume_checkpoints()
                 after = 0  # one sweep up the inode numbers: an entry left for later is not retried at once
                 while True:
                     try:
@@ -238,10 +224,6 @@ class Evictor:
                 self._reaped.set()
         finally:
             self.reaper_running = False
-            if self._checkpoint_wanted:
-                self._checkpoint_wanted = False
-                with contextlib.suppress(sqlite3.Error):
-                    self.index.resume_checkpoints()
 
     async def wait_reaped(self) -> None:
         """Return once the data files of every row evicted so far are gone (needs the reaper)."""

@@ -15,7 +15,9 @@ import logging
 import os
 import sqlite3
 
-from ..index import IN_CACHE, State
+import trio
+
+from ..index import IN_CACHE, State, checkpoint
 from . import states
 from .states import Change
 from .store import Store
@@ -25,6 +27,10 @@ log = logging.getLogger(__name__)
 # Bytes of the cache disk kept free for the index (the file `reserve`): when the disk is full, the
 # index can still record what S3 already holds.
 RESERVE = 1024 * 1024
+
+# How often the index's WAL is checkpointed (copied into the database file) while the mount runs, if
+# anything was committed since the last time (run_checkpoints).
+CHECKPOINT_PERIOD = 1.0
 
 
 def fs_bytes(store: Store) -> tuple[int, int]:
@@ -54,6 +60,37 @@ class Space:
             except sqlite3.OperationalError:
                 if not self._make_index_room():
                     raise
+
+    async def run_checkpoints(
+        self, disk: trio.CapacityLimiter, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background task: the index's checkpoints, in a local-disk worker thread.
+
+        SQLite's automatic checkpoint runs inside whichever commit makes the WAL pass 1,000 pages:
+        on the event loop, copying up to 4 MB into the database file and fsyncing it, tens of
+        milliseconds in which no FUSE request is answered (the background listing of a large bucket
+        reaches that size every few hundred batches; an eviction pass of 30k rows, ~0.2 s). So
+        commits skip it while this runs, and a PASSIVE checkpoint on a connection of its own (it
+        waits for no lock; the daemon reads and writes on meanwhile) runs every CHECKPOINT_PERIOD
+        if anything was committed. On return, commits checkpoint as before."""
+        index = self.index
+        index.suspend_checkpoints()
+        seen = index.changes()
+        try:
+            task_status.started()
+            while True:
+                await trio.sleep(CHECKPOINT_PERIOD)
+                now = index.changes()
+                if now == seen:
+                    continue
+                seen = now
+                try:
+                    await trio.to_thread.run_sync(checkpoint, index.path, limiter=disk)
+                except sqlite3.Error as e:
+                    log.warning("checkpoint of the index failed (tried again in a second): %s", e)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                index.resume_checkpoints()
 
     def durable_write(self, change: Change) -> None:
         """index_write, committed durably (what an acknowledged close or unlink rests on)."""
