@@ -44,26 +44,23 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import random
 import re
-import signal
 import string
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import boto3
 import botocore.config
 
+from bench.report import append_report, header, interrupt_on_signals, log
 from bench.workdir import run_dir
-from tests.harness import REPO_ROOT, TEST_REGION, HarnessError, Mount, S3Server
+from tests.harness import TEST_REGION, HarnessError, Mount, S3Server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -76,10 +73,6 @@ THUMBNAILS = ("32-32-image-png-crop", "96-96-image-png-crop", "320-240-image-png
               "640-480-image-png-scale", "800-600-image-png-scale")  # fmt: skip
 LISTED_RE = re.compile(r"listed (\d+) objects in ([\d.]+)s")
 LETTERS = string.ascii_letters
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -344,24 +337,6 @@ class Watcher(threading.Thread):
 # ---------------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    try:
-        r = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-        subject = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%s"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    title = subject.stdout.strip()
-    if len(title) > 100:
-        title = title[:97] + "..."
-    return f"{r.stdout.strip() or '?'} ({title})"
-
-
 def ms(x: float) -> str:
     return f"{x * 1000:.1f}"
 
@@ -434,10 +409,6 @@ def report(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -478,17 +449,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    # Also when started in the background by a shell without job control, which ignores SIGINT.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    load = os.getloadavg()
-    head = [
-        f"## bench.listing_stall, {args.objects:,} objects ({time.strftime('%Y-%m-%d %H:%M')})",
-        "",
-        f"Commit measured: {git_commit()}. Python {platform.python_version()}, {os.cpu_count()} CPUs; "
-        f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}. A noisy 2-core VM shared "
-        "with other test runs: the SeaweedFS server, the daemon and this probe share the two cores.",
-    ]
+    interrupt_on_signals()
+    head = header(
+        f"bench.listing_stall, {args.objects:,} objects",
+        "A noisy 2-core VM shared with other test runs: the SeaweedFS server, the daemon and this probe "
+        "share the two cores.",
+    )
     print("\n".join(head), flush=True)
     notes: list[str] = []
     with run_dir("s3cfs-liststall-", args.workdir, args.keep, log) as base, contextlib.ExitStack() as stack:
@@ -558,12 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             watcher.rss, notes,
         )  # fmt: skip
     print("\n" + text, flush=True)
-    if args.output:
-        out = Path(args.output)
-        previous = out.read_text() if out.exists() else ""
-        marker = head[0]
-        out.write_text((previous.rstrip() + "\n\n" if previous.strip() else "") + text)
-        log(f"appended to {out} ({marker})")
+    append_report(args.output, text)
     return 0
 
 
