@@ -25,6 +25,36 @@ s3cachefs deliberately differs from a local filesystem, the model encodes the do
   README "Index": a directory made by mkdir lives only in the index, so after a wipe only the
   directories implied by the keys of uploaded files are left.
 
+Two mounts (Tuning.two_mounts; issue "consistency"): a second mount of the same bucket, with its own
+cache, and both mounts run with `--metadata-ttl 0` (the documented way to see another mount's changes:
+README "Limitations / Other writers", namespace.py's docstring). Rules named second_* write a whole
+file, overwrite a range, unlink, read and stat through the second mount; their outcomes are predicted
+from what S3 holds (which equals model.uploaded() after every step: check_key and check_bucket wait
+for both mounts' queues, so every change is complete before the next call) and from the directories
+the second mount's index holds (MountModel.bdirs):
+- a file created, replaced or deleted through either mount is read with exactly its new bytes, stats
+  its new size, or is ENOENT through the other (every lookup and open of a known file asks S3);
+- a directory is seen by the second mount only if keys imply it or its index already holds it
+  (README "Index": a directory made by mkdir lives only in the index): an empty directory of the
+  primary is ENOENT there; local-only files (url_cache/) never reach S3 and are ENOENT there too;
+- a listing through the primary still shows a name the second mount deleted until the primary's
+  next lookup of it (namespace.py: "those they removed go at their next lookup"): second_unlink
+  makes that lookup at once, and checks it (ENOENT);
+- a mount keeps the bytes of a file the other one replaced or deleted in its cache until its next
+  eviction pass: check_cache_dir's bounds allow for them.
+What goes through the second mount only: whole-file writes, overwrites, unlinks, reads, stats, and its
+remounts (same cache, wiped cache: it holds nothing S3 lacks). What stays on the primary: directory
+changes, renames, appends, truncates, the several-descriptor rules (the contract between mounts is
+last-writer-wins on whole files, with no locking across mounts), and the primary's remounts except
+on a wiped cache: after a wipe a TTL mount's opendir, which lists the directory again with a
+delimiter, brings back the empty directories SeaweedFS keeps of deleted objects (see
+purge_seaweedfs_dirs), a trait of the backend, not of s3cachefs. No path of the model is a
+thumbnail path (uploaded asynchronously, so in S3 only once the queue drained): check_key's wait for
+the queues would cover them. Not made: a file written through the second mount over a name that is
+an empty directory of the primary (the two mounts would disagree on the name's kind for good;
+Stats.conflicts), and the calls that meet KNOWN_BUGS stale-directory-elsewhere (always steered
+around in this mode, counted as skipped).
+
 One mount serves many examples: each example starts by removing everything through the mount (and
 checking that the mount and the bucket are then empty). After an example that failed, the next one
 starts on a fresh bucket, cache and mount, so that shrinking replays on a clean daemon.
@@ -87,6 +117,18 @@ MOUNT_ARGS = (
 )  # fmt: skip
 
 
+# Two-mount mode: both mounts trust their index about a name for 0 s, so every lookup and open of a
+# known file asks S3 (HEAD), every miss asks S3, and the kernel caches no entry, attribute or miss
+# (fs.py: its timeouts follow the TTL). namespace.py's docstring: "Past it: a miss ... asks S3 ...,
+# a known file is looked up again (HEAD, at lookup and at open) and its row follows".
+TWO_MOUNT_ARGS = ("--metadata-ttl", "0")
+
+
+def listed(m: Mount) -> bool:
+    """The mount's background listing (since its last start) has finished."""
+    return "listed " in m.log_text().rsplit(" start: ", 1)[-1]
+
+
 def local_only(path: str) -> bool:
     return path.startswith(LOCAL_ONLY)
 
@@ -115,6 +157,9 @@ class Err:
 
 
 Outcome = object  # a value (bytes, tuple, frozenset, None) or an Err
+
+
+STALE = "stale"  # MountModel._second_kind: a directory the second mount keeps, removed elsewhere
 
 
 class Mismatch(AssertionError):
@@ -341,6 +386,12 @@ KNOWN_BUGS = {
     "reopen-leaks-cache-copy": "(fixed) opening a cached, uploaded file for writing and closing it "
     "without writing (open 'ab' or 'r+b', no write) turned it back to REMOTE but left its data/ file "
     "behind, uncounted: data/ grew past the cap (cache.py Cache.finish_write, revert path)",
+    "stale-directory-elsewhere": "(open; two-mount mode steers around it always) a directory the "
+    "second mount's index holds stays there once the primary has removed it (rmdir, rename, or the "
+    "name became a file): lookups of directories never ask S3, even past the metadata TTL, and the "
+    "full listing never drops directories (namespace.py Namespace.lookup, Index.stale_files). So "
+    "a file written through the primary at that name is hidden behind a directory on the second "
+    "mount, against namespace.py's docstring (names others removed go at the next lookup)",
     "rename-while-pipelined": "(fixed) a file over the multipart threshold, appended to (which starts "
     "a pipelined multipart upload, keyed by its name then) and renamed while still open, is "
     "uploaded by its close under its OLD name: S3 holds the old key with the new bytes and nothing "
@@ -382,6 +433,9 @@ class Tuning:
     big_gap: int = 50  # at least this many steps between two big (multipart) writes
     process_gap: int = 5  # at least this many steps between two runs of writer processes (~40 ms each)
     fresh_every: int = 500  # a fresh bucket, cache and mount after this many examples anyway
+    # Two mounts of the bucket, both with --metadata-ttl 0, and rules that act through the second
+    # (see "Two mounts" in the module docstring).
+    two_mounts: bool = False
     avoid: frozenset[str] = field(default_factory=_avoid_from_env)  # names from KNOWN_BUGS
 
 
@@ -393,6 +447,8 @@ class Stats:
     fresh_mounts: int = 0
     resets: int = 0
     skipped: int = 0  # calls not made because they trigger an avoided known bug
+    conflicts: int = 0  # second-mount writes not made: a file over a directory only the primary has
+    second_calls: int = 0  # checked calls made through the second mount (two-mount mode)
     backend_skips: int = 0  # renames of big files not made because of the SeaweedFS quirk (BIG_NAMES)
     per_rule: Counter[str] = field(default_factory=Counter)
     seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -414,8 +470,17 @@ class Stats:
             f"{self.skipped} calls skipped as known bugs, {self.backend_skips} for SeaweedFS; "
             f"{setup:.0f} s starting examples\n"
             f"  per rule: {rules}\n  expected errors seen: {errs}\n"
-            f"  several descriptors on one file: {shared}"
+            f"  several descriptors on one file: {shared}\n"
+            f"  through the second mount: {self.second_ops} operations, "
+            f"{self.second_calls} checked calls; {self.conflicts} writes not made (file over a "
+            f"directory only the primary has)"
         )
+
+    @property
+    def second_ops(self) -> int:
+        """Rule steps that went through the second mount (its reads, stats, writes, unlinks and
+        remounts)."""
+        return sum(v for k, v in self.per_rule.items() if k.startswith("second_"))
 
 
 def purge_seaweedfs_dirs(s3: S3Client, bucket: str, prefix: str = "") -> None:
@@ -431,6 +496,21 @@ def purge_seaweedfs_dirs(s3: S3Client, bucket: str, prefix: str = "") -> None:
             s3.delete_object(Bucket=bucket, Key=o["Key"])
 
 
+def remove_tree(p: Path, missing_ok: bool = False) -> None:
+    """Remove everything below directory `p` (not `p`), one call at a time, through the mount."""
+    for name in os.listdir(p):
+        child = p / name
+        try:
+            if child.is_dir():
+                remove_tree(child, missing_ok)
+                os.rmdir(child)
+            else:
+                os.unlink(child)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+
 class Env:
     """One S3 server, a work directory and the current mount, reused from one example to the next."""
 
@@ -440,48 +520,61 @@ class Env:
         self.tuning = tuning or Tuning()
         self.s3: S3Client = server.client()
         self.mount: Mount | None = None
+        self.second: Mount | None = None  # two-mount mode: the other mount of the same bucket
         self.dirty = True  # the next example needs a fresh mount
         self.since_fresh = 0
         self.stats = Stats()
         self._n = 0
 
+    def mounts(self) -> list[Mount]:
+        return [m for m in (self.mount, self.second) if m is not None]
+
     def fresh_mount(self) -> Mount:
-        if self.mount is not None:
-            self.mount.cleanup()
+        for old in self.mounts():
+            old.cleanup()
+        self.second = None
         self._n += 1
         d = self.workdir / f"m{self._n}"
+        bucket = self.server.new_bucket()
+        args = [
+            "--cache-size",
+            str(self.tuning.cache_size),
+            "--read-part-size",
+            self.tuning.read_part_size,
+            *MOUNT_ARGS,
+            *(TWO_MOUNT_ARGS if self.tuning.two_mounts else ()),
+        ]
         m = Mount(
             self.server,
-            self.server.new_bucket(),
+            bucket,
             path=d / "mnt",
             cache_dir=d / "cache",
             log_path=d / "mount.log",
-            extra_args=[
-                "--cache-size",
-                str(self.tuning.cache_size),
-                "--read-part-size",
-                self.tuning.read_part_size,
-                *MOUNT_ARGS,
-            ],
+            extra_args=args,
         )
         self.mount = m
         m.start()
+        if self.tuning.two_mounts:
+            self.second = Mount(
+                self.server,
+                bucket,
+                path=d / "mnt2",
+                cache_dir=d / "cache2",
+                log_path=d / "mount2.log",
+                extra_args=args,
+            )
+            self.second.start()
+            # Both background listings (of an empty bucket) done: nothing runs behind the rules.
+            for mm in self.mounts():
+                if not wait_until(functools.partial(listed, mm), 30):
+                    raise RuntimeError(f"the background listing of {mm.path} did not finish within 30 s")
         self.stats.fresh_mounts += 1
         self.since_fresh = 0
         self.dirty = False
         return m
 
     def _empty_through_the_mount(self, m: Mount) -> None:
-        def rm(p: Path) -> None:
-            for name in os.listdir(p):
-                child = p / name
-                if child.is_dir():
-                    rm(child)
-                    os.rmdir(child)
-                else:
-                    os.unlink(child)
-
-        rm(m.path)
+        remove_tree(m.path)
         if os.listdir(m.path):
             raise RuntimeError("mount not empty after removing everything")
         wait_until(lambda: queues_empty(m), 30.0)  # the DELETEs are queued
@@ -501,8 +594,12 @@ class Env:
             m = self.mount
             if m is None or self.dirty or not m.running or self.since_fresh > self.tuning.fresh_every:
                 return self.fresh_mount()
+            if self.second is not None and not self.second.running:
+                return self.fresh_mount()
             try:
                 self._empty_through_the_mount(m)
+                if self.second is not None:
+                    self._empty_the_second_index(self.second)
             except Exception:
                 return self.fresh_mount()
             self.stats.resets += 1
@@ -510,24 +607,39 @@ class Env:
         finally:
             self.stats.seconds["(start of example)"] += time.monotonic() - started
 
-    def close(self) -> None:
-        if self.mount is not None:
-            self.mount.cleanup()
-            self.mount = None
+    def _empty_the_second_index(self, m: Mount) -> None:
+        """The bucket is empty now (see _empty_through_the_mount), but the second mount's index still
+        holds the directories (and file rows) it learned in the last example: remove them through
+        it, so that it starts with an empty root as well. A file row's unlink finds its object gone
+        (ENOENT): that drops the row all the same."""
+        remove_tree(m.path, missing_ok=True)
+        if os.listdir(m.path):
+            raise RuntimeError("second mount not empty after removing everything")
+        wait_until(lambda: queues_empty(m), 30.0)  # the DELETEs of directory markers
+        purge_seaweedfs_dirs(self.s3, m.bucket)
+        if bucket_objects(self.s3, m.bucket):
+            raise RuntimeError("bucket not empty after emptying the second mount")
 
-    def data_bytes(self) -> int:
-        assert self.mount is not None
+    def close(self) -> None:
+        for m in self.mounts():
+            m.cleanup()
+        self.mount = self.second = None
+
+    def data_bytes(self, m: Mount | None = None) -> int:
+        m = m or self.mount
+        assert m is not None
         total = 0
-        for dirpath, _dirs, names in os.walk(self.mount.cache_dir / "data"):
+        for dirpath, _dirs, names in os.walk(m.cache_dir / "data"):
             for n in names:
                 with contextlib.suppress(FileNotFoundError):
                     total += os.lstat(os.path.join(dirpath, n)).st_size
         return total
 
-    def tmp_files(self) -> list[str]:
-        assert self.mount is not None
+    def tmp_files(self, m: Mount | None = None) -> list[str]:
+        m = m or self.mount
+        assert m is not None
         try:
-            return sorted(os.listdir(self.mount.cache_dir / "tmp"))
+            return sorted(os.listdir(m.cache_dir / "tmp"))
         except FileNotFoundError:
             return []
 
@@ -596,6 +708,10 @@ class MountModel(RuleBasedStateMachine):
         self.last_processes = -(10**9)
         self.last_check = 0
         self.mount: Mount | None = None
+        # Two-mount mode: the directories the second mount's index holds (see _second_walk).
+        self.bdirs: set[str] = set()
+        self.largest_ever = 0  # the largest file of the example so far (after a step)
+        self.replaced_by_second = 0  # the largest file the second mount replaced or deleted
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -625,6 +741,7 @@ class MountModel(RuleBasedStateMachine):
         raise Mismatch(
             f"{what}\n--- calls of this example (mount {self.mount.path}, bucket {self.mount.bucket}) ---\n"
             f"{trace}\n--- mount log ---\n{self.mount.log_tail(30)}"
+            + (f"\n--- second mount's log ---\n{self.env.second.log_tail(30)}" if self.env.second else "")
         )
 
     def check(self, call: str, expected: Outcome, actual: Outcome, durable: tuple[str, ...] = ()) -> None:
@@ -682,8 +799,12 @@ class MountModel(RuleBasedStateMachine):
         return None
 
     def _write(self, path: str, mode: str, data: bytes, chunk: int, offset: int = 0) -> Outcome:
+        return self._write_at_root(self.root, path, mode, data, chunk, offset)
+
+    @staticmethod
+    def _write_at_root(root: Path, path: str, mode: str, data: bytes, chunk: int, offset: int = 0) -> Outcome:
         def go() -> None:
-            with open(self.real(path), mode, buffering=0) as f:
+            with open(root / path, mode, buffering=0) as f:
                 if offset:
                     f.seek(offset)
                 view = memoryview(data)
@@ -766,7 +887,7 @@ class MountModel(RuleBasedStateMachine):
         if actual != expected and self.mount is not None:
             # A queued upload (thumbnails) or DELETE (every unlink) reaches S3 in the background:
             # the bucket must agree once the mount's queues are empty.
-            wait_until(lambda: queues_empty(self.mount) if self.mount else True, 30.0)
+            self._wait_queues()
             actual = self._get_key(path)
         self.env.stats.calls += 1
         if actual != expected:
@@ -774,13 +895,17 @@ class MountModel(RuleBasedStateMachine):
                 f"MISMATCH in S3 after {after}: key {path!r} holds {_show(actual)}, expected {_show(expected)}"
             )
 
+    def _wait_queues(self) -> None:
+        """Until the queues of every mount are empty (bounded)."""
+        mounts = self.env.mounts()
+        wait_until(lambda: all(queues_empty(m) for m in mounts), 30.0)
+
     def check_bucket(self) -> None:
         assert self.mount is not None
         actual = bucket_objects(self.env.s3, self.mount.bucket)
         expected = self.model.uploaded()
         if actual != expected:  # see check_key: the queues first
-            mount = self.mount
-            wait_until(lambda: queues_empty(mount), 30.0)
+            self._wait_queues()
             actual = bucket_objects(self.env.s3, self.mount.bucket)
         self.env.stats.calls += 1
         self.trace.append(f"bucket: {len(actual)} objects")
@@ -802,28 +927,48 @@ class MountModel(RuleBasedStateMachine):
         the local-only files (which the cap alone never evicts). A file larger than the cap is still
         cached when it is written or read (alone), hence max(cap, largest file).
 
+        Two mounts: such a file stays in a mount's cache until its next eviction pass (at its next
+        addition), also once the other mount has replaced or deleted it (the mount learns that at
+        its next lookup of the name). So the primary's bound takes the largest file the second mount
+        replaced or deleted, and the second mount's (which writes and reads whatever the primary
+        wrote) the largest file of the example.
+
         Polled briefly: FUSE sends RELEASE asynchronously, after close() has returned.
         """
         if self.mount is None or not self.mount.running:
             return
         largest = max((len(d) for d in self.model.files.values()), default=0)
-        allowed = max(self.env.tuning.cache_size, largest) + self.model.local_bytes()
-        wait_until(lambda: not self.env.tmp_files() and self.env.data_bytes() <= allowed, 2.0)
-        tmp = self.env.tmp_files()
-        if tmp:
-            self.fail(f"MISMATCH in the cache directory: tmp/ not empty between operations: {tmp}")
-        used = self.env.data_bytes()
-        if used > allowed:
-            self.fail(
-                f"MISMATCH in the cache directory: data/ holds {used} bytes, more than "
-                f"max(cap {self.env.tuning.cache_size}, largest file {largest}) plus "
-                f"{self.model.local_bytes()} local-only bytes"
-            )
+        self.largest_ever = max(self.largest_ever, largest)
+        for m in self.env.mounts():
+            if m is self.mount:
+                local = self.model.local_bytes()
+                allowed = max(self.env.tuning.cache_size, largest, self.replaced_by_second) + local
+            else:
+                local = 0  # the second mount never holds a local-only file (none reaches S3)
+                allowed = max(self.env.tuning.cache_size, self.largest_ever)
+            wait_until(functools.partial(self._cache_dir_settled, m, allowed), 2.0)
+            tmp = self.env.tmp_files(m)
+            if tmp:
+                self.fail(
+                    f"MISMATCH in the cache directory {m.cache_dir}: tmp/ not empty between operations: {tmp}"
+                )
+            used = self.env.data_bytes(m)
+            if used > allowed:
+                self.fail(
+                    f"MISMATCH in the cache directory {m.cache_dir}: data/ holds {used} bytes, more than "
+                    f"max(cap {self.env.tuning.cache_size}, largest file {largest}) plus "
+                    f"{local} local-only bytes"
+                )
+
+    def _cache_dir_settled(self, m: Mount, allowed: int) -> bool:
+        return not self.env.tmp_files(m) and self.env.data_bytes(m) <= allowed
 
     def check_everything(self, why: str) -> None:
         self.trace.append(f"(full check: {why})")
         self.check_tree(contents=True)
         self.check_bucket()
+        if self.env.second is not None:
+            self.check_second(why)
         self.check_cache_dir()
 
     # -- rules: writes ----------------------------------------------------------------------------
@@ -1442,7 +1587,7 @@ class MountModel(RuleBasedStateMachine):
         self._remount("same cache")
 
     @rule()
-    @precondition(lambda self: self.may_remount())
+    @precondition(lambda self: self.may_remount() and not self.env.tuning.two_mounts)
     @step
     def remount_wiped(self) -> None:
         """Unmount, wipe the cache directory, mount: what is in S3 must all be back."""
@@ -1454,3 +1599,264 @@ class MountModel(RuleBasedStateMachine):
     def remount_after_kill(self) -> None:
         """kill -9 between operations, then mount on the same cache: nothing acknowledged is lost."""
         self._remount("crash")
+
+    # -- two-mount mode: the second mount -----------------------------------------------------------
+    #
+    # See "Two mounts" in the module docstring. S3 holds model.uploaded() exactly after every step
+    # (check_key and check_bucket wait for both mounts' queues), so what the second mount finds
+    # there is known; what it knows beyond S3 is its index's directories, tracked in self.bdirs.
+
+    @property
+    def second(self) -> Mount:
+        assert self.env.second is not None
+        return self.env.second
+
+    def real2(self, path: str) -> Path:
+        return self.second.path / path if path else self.second.path
+
+    def _second_kind(self, q: str) -> str | None:
+        """What the second mount's lookup of `q` answers (with --metadata-ttl 0 the kernel asks it
+        every time, and it asks S3): a directory its index holds is answered from the index
+        (namespace.py Namespace.lookup: only files are looked up again); a file row, or no row, by
+        a HEAD of the key (a file: the object, whatever version), then a LIST of at most one key
+        below it (a directory implied by keys; SeaweedFS's empty directories do not show in an
+        undelimited LIST); else no such name. STALE: a directory its index holds that the primary
+        no longer has (KNOWN_BUGS stale-directory-elsewhere)."""
+        if q == "":
+            return "dir"
+        if q in self.bdirs:
+            return "dir" if self.model.kind(q) == "dir" else STALE
+        s3 = self.model.uploaded()
+        if q in s3:
+            return "file"
+        if any(k.startswith(q + "/") for k in s3):
+            return "dir"
+        return None
+
+    def _second_walk(self, path: str) -> tuple[str | Err | None, list[str]] | None:
+        """The second mount resolving `path` component by component: the kind of `path` ("dir",
+        "file", None: no such name), or the Err of resolving a parent; and the directories its
+        index learns on the way (implied by keys). None: the walk meets a stale directory."""
+        learned: list[str] = []
+        parts = path.split("/")
+        for i in range(len(parts)):
+            q = "/".join(parts[: i + 1])
+            k = self._second_kind(q)
+            if k == STALE:
+                return None
+            if k == "dir" and q not in self.bdirs:
+                learned.append(q)
+            if i == len(parts) - 1:
+                return k, learned
+            if k is None:
+                return Err(errno.ENOENT), learned
+            if k == "file":
+                return Err(errno.ENOTDIR), learned
+        raise AssertionError("unreachable")
+
+    def _second_resolve(self, path: str) -> tuple[str | Err | None, list[str]] | None:
+        walk = self._second_walk(path)
+        if walk is None:
+            self.env.stats.skipped += 1
+            self.trace.append(
+                f"(skipped through the second mount: {path!r}, known bug stale-directory-elsewhere)"
+            )
+        return walk
+
+    def _second_check(
+        self, call: str, expected: Outcome, actual: Outcome, learned: list[str], durable: tuple[str, ...] = ()
+    ) -> None:
+        self.env.stats.second_calls += 1
+        self.bdirs.update(learned)
+        self.check(f"[second] {call}", expected, actual, durable)
+
+    @staticmethod
+    def _second_expect_read(kind: str | Err | None, data: bytes | None) -> Outcome:
+        if isinstance(kind, Err):
+            return kind
+        if kind is None:
+            return Err(errno.ENOENT)
+        if kind == "dir":
+            return Err(errno.EISDIR)
+        assert data is not None
+        return data
+
+    def pick_second(self, t: str | Existing) -> str:
+        """A path for a rule of the second mount: mostly a file in S3 (what it can see)."""
+        if isinstance(t, Existing) and self.model.uploaded():
+            pool = sorted(self.model.uploaded())
+            return pool[t.n % len(pool)]
+        return self.pick(t, "file")
+
+    def check_second(self, why: str) -> None:
+        """Every file of the model read through the second mount: the uploaded ones whole, the
+        local-only ones ENOENT (never in S3)."""
+        self.trace.append(f"(second mount's reads: {why})")
+        for p in sorted(self.model.files):
+            walk = self._second_resolve(p)
+            if walk is not None:
+                kind, learned = walk
+                self._second_check(
+                    f"read({p!r})",
+                    self._second_expect_read(kind, self.model.uploaded().get(p)),
+                    attempt(self.real2(p).read_bytes),
+                    learned,
+                )
+
+    def _changing_through_second(self, path: str) -> None:
+        """Before a write or unlink through the second mount: the primary may keep the old bytes
+        cached for a while (check_cache_dir)."""
+        self.replaced_by_second = max(self.replaced_by_second, len(self.model.files.get(path, b"")))
+
+    def _second_ok(self) -> bool:
+        return self.env.second is not None and self.env.second.running
+
+    @rule(t=targets, size=sizes, seed=seeds, chunk=chunks)
+    @precondition(lambda self: self._second_ok())
+    @step
+    def second_write_file(self, t: str | Existing, size: int, seed: int, chunk: int) -> None:
+        """open('wb'), write, close through the second mount: a whole file, new or replaced."""
+        path = self.pick_second(t)
+        walk = self._second_resolve(path)
+        if walk is None:
+            return
+        kind, learned = walk
+        if kind is None and self.model.kind(path) == "dir":
+            # A directory that lives only in the primary's index (README "Index": mkdir lives only in
+            # the index; no key implies it): the second mount would make a file of that name, and the
+            # two mounts would disagree for good. Synapse never does that; not made.
+            self.env.stats.conflicts += 1
+            self.trace.append(f"(not made through the second mount: a file over the directory {path!r})")
+            return
+        data = payload(size, seed)
+        self._changing_through_second(path)
+        expected: Outcome = kind if isinstance(kind, Err) else Err(errno.EISDIR) if kind == "dir" else None
+        if expected is None:
+            self.model.files[path] = data
+        self._second_check(
+            f"write({path!r}, {size} bytes seed={seed})",
+            expected,
+            self._write_at_root(self.second.path, path, "wb", data, chunk),
+            learned,
+            durable=(path,),
+        )
+
+    @rule(t=targets, offset=st.integers(0, 2**20), size=sizes, seed=seeds)
+    @precondition(lambda self: self._second_ok())
+    @step
+    def second_overwrite(self, t: str | Existing, offset: int, size: int, seed: int) -> None:
+        """open('r+b'), seek, write, close through the second mount."""
+        path = self.pick_second(t)
+        if self._reopen_without_write(path, size):
+            return
+        walk = self._second_resolve(path)
+        if walk is None:
+            return
+        kind, learned = walk
+        cur = self.model.files.get(path, b"") if kind == "file" else b""
+        self._changing_through_second(path)
+        off = offset % (len(cur) + 4097)
+        data = payload(size, seed)
+        expected: Outcome = self._second_expect_read(kind, cur)
+        if not isinstance(expected, Err):
+            expected = None
+            self.model.write_at(path, off, data)
+        self._second_check(
+            f"overwrite({path!r}, at {off}, {size} bytes seed={seed})",
+            expected,
+            self._write_at_root(self.second.path, path, "r+b", data, 65536, offset=off),
+            learned,
+            durable=(path,),
+        )
+
+    @rule(t=targets)
+    @precondition(lambda self: self._second_ok())
+    @step
+    def second_unlink(self, t: str | Existing) -> None:
+        path = self.pick_second(t)
+        walk = self._second_resolve(path)
+        if walk is None:
+            return
+        kind, learned = walk
+        expected: Outcome = self._second_expect_read(kind, b"")
+        self._changing_through_second(path)
+        if not isinstance(expected, Err):
+            expected = self.model.unlink(path)
+            assert expected is None, (path, expected)
+        self._second_check(
+            f"unlink({path!r})",
+            expected,
+            attempt(lambda: os.unlink(self.real2(path))),
+            learned,
+            durable=(path,),
+        )
+        if expected is None:
+            # The primary's index still has the name: its listing of the directory would show it
+            # until its next lookup of the name (namespace.py's docstring: past the TTL "opendir
+            # lists the directory again: names others added are added (those they removed go at
+            # their next lookup, or at the next full listing)"). That lookup, checked, comes now.
+            self.check(f"stat({path!r}) through the primary", self._expect_stat(path), self._stat(path))
+
+    @rule(t=targets)
+    @precondition(lambda self: self._second_ok())
+    @step
+    def second_read(self, t: str | Existing) -> None:
+        path = self.pick_second(t)
+        walk = self._second_resolve(path)
+        if walk is None:
+            return
+        kind, learned = walk
+        self._second_check(
+            f"read({path!r})",
+            self._second_expect_read(kind, self.model.uploaded().get(path)),
+            attempt(self.real2(path).read_bytes),
+            learned,
+        )
+
+    @rule(t=st.one_of(st.just(""), targets))
+    @precondition(lambda self: self._second_ok())
+    @step
+    def second_stat(self, t: str | Existing) -> None:
+        path = self.pick_second(t) if t != "" else ""
+        walk = self._second_resolve(path)
+        if walk is None:
+            return
+        kind, learned = walk
+        expected: Outcome
+        if isinstance(kind, Err):
+            expected = kind
+        elif kind is None:
+            expected = Err(errno.ENOENT)
+        elif kind == "dir":
+            expected = ("dir", None)
+        else:
+            expected = ("file", len(self.model.files[path]))
+
+        def go() -> tuple[str, int | None]:
+            st_ = os.stat(self.real2(path))
+            return ("dir", None) if statmod.S_ISDIR(st_.st_mode) else ("file", st_.st_size)
+
+        self._second_check(f"stat({path!r})", expected, attempt(go), learned)
+
+    @rule(how=st.sampled_from(("same cache", "wiped")))
+    @precondition(lambda self: self._second_ok() and self.may_remount())
+    @step
+    def second_remount(self, how: str) -> None:
+        """Unmount the second mount and mount it again (on a wiped cache: it holds nothing that is
+        not in S3). Its background listing adds the directories the keys imply, and the full
+        check then reads everything through it."""
+        m = self.second
+        self.remounts += 1
+        self.trace.append(f"[second] remount ({how})")
+        self.env.stats.calls += 1
+        m.unmount()
+        if how == "wiped":
+            m.wipe_cache()
+            self.bdirs = set()
+        m.start()
+        if not wait_until(lambda: listed(m), 30):
+            self.fail("the second mount's background listing did not finish within 30 s")
+        for p in self.model.uploaded():
+            parts = p.split("/")[:-1]
+            self.bdirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        self.check_everything(f"after the second mount's remount ({how})")

@@ -8,8 +8,11 @@ processes started together, a rename while open for writing), each call checked 
 in-memory model, and S3 checked after every change. Any difference
 fails the test with the shrunk sequence. The run is bounded by time rather than by a number of
 examples, so that a slow machine still finishes in about S3CACHEFS_MODEL_SECONDS (default 120) plus
-one batch (plus the shrinking, if something fails). bench/model_long.py runs the same machine for
-100,000 operations and more.
+one batch (plus the shrinking, if something fails): half of it with one mount, half with two
+(test_random_operation_sequences_through_two_mounts_match_the_model: a second mount of the bucket,
+both with --metadata-ttl 0, and writes, overwrites, unlinks, reads and stats through either;
+tests/model.py "Two mounts"). bench/model_long.py runs the same machine, in both modes, for 100,000
+operations and more.
 
 S3CACHEFS_MODEL_AVOID=name,... steers the machine around known, still open bugs (tests/model.py
 KNOWN_BUGS); by default nothing is avoided.
@@ -44,7 +47,7 @@ from .harness import (
     queues_empty,
     wait_until,
 )
-from .model import Env, machine_for
+from .model import Env, Tuning, machine_for
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -64,13 +67,15 @@ BATCH = settings(
 FAST_FAIL = ["--max-attempts", "2", "--connect-timeout", "2", "--read-timeout", "3"]
 
 
-def test_random_operation_sequences_match_the_model(
-    s3server: S3Server, tmp_path: Path, record_property: Callable[[str, object], None]
+# The budget's share of the two-mount mode (tests/model.py "Two mounts"); the rest runs one mount.
+TWO_MOUNT_SHARE = 0.5
+
+
+def _run_for(
+    env: Env, seconds: float, record_property: Callable[[str, object], None], tmp_path: Path
 ) -> None:
-    check_fuse_available()
-    env = Env(s3server, tmp_path)
     machine = machine_for(env)
-    deadline = time.monotonic() + BUDGET_SECONDS
+    deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
             run_state_machine_as_test(machine, settings=BATCH)
@@ -79,9 +84,30 @@ def test_random_operation_sequences_match_the_model(
         print(env.stats.summary())
         record_property("operations", env.stats.ops)
     assert not [p for p in fuse_mounts() if Path(p).is_relative_to(tmp_path)], "mounts left behind"
+
+
+def test_random_operation_sequences_match_the_model(
+    s3server: S3Server, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    check_fuse_available()
+    env = Env(s3server, tmp_path)
+    _run_for(env, BUDGET_SECONDS * (1 - TWO_MOUNT_SHARE), record_property, tmp_path)
     # Zero mismatches is what reaching this line means (Hypothesis raises on the first one); this only
     # guards against a run that silently did nothing.
-    assert env.stats.ops >= 1000, env.stats.summary()
+    assert env.stats.ops >= 500, env.stats.summary()
+
+
+def test_random_operation_sequences_through_two_mounts_match_the_model(
+    s3server: S3Server, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """The same machine with a second mount of the bucket (tests/model.py "Two mounts"): both with
+    --metadata-ttl 0, writes, overwrites, unlinks, reads and stats through either, each outcome
+    predicted by the model."""
+    check_fuse_available()
+    env = Env(s3server, tmp_path, Tuning(two_mounts=True))
+    _run_for(env, BUDGET_SECONDS * TWO_MOUNT_SHARE, record_property, tmp_path)
+    assert env.stats.ops >= 300, env.stats.summary()
+    assert env.stats.second_ops >= 30, env.stats.summary()
 
 
 # -- the bugs the model found, as minimal deterministic sequences -------------------------------------
