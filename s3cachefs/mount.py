@@ -34,7 +34,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import procmounts
+from . import procmounts, slowsteps
 from .cache import Cache, Limits
 from .config import Config, ConfigError
 from .errors import EXIT_OK, EXIT_RUNTIME, StartupError, report
@@ -593,7 +593,7 @@ def run(config: Config) -> int:
                 )
             unmount = True
             try:
-                unmount = trio.run(_serve, parts, config)
+                unmount = trio.run(_serve, parts, config, instruments=slowsteps.from_env())
             except BaseException:
                 log.exception("s3cachefs stopped on an error")
                 pyfuse3.close(unmount=True)

@@ -362,3 +362,31 @@ def test_sigusr1_with_the_index_locked_by_another_process_logs_an_error_and_the_
     (m.path / "after-sigusr1").write_bytes(b"still serving")
     assert s3.get_object(Bucket=bucket, Key="after-sigusr1")["Body"].read() == b"still serving"
     m.unmount()
+
+
+def test_the_slow_steps_aid_logs_a_task_that_held_the_event_loop_and_where(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import trio
+
+    from s3cachefs import slowsteps
+
+    monkeypatch.setenv(slowsteps.ENV, "20")
+    instruments = slowsteps.from_env()
+
+    async def blocks_the_loop() -> None:
+        time.sleep(0.05)  # no await: every other task waits
+        await trio.sleep(0)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocks_the_loop, name="blocker")
+            nursery.start_soon(trio.sleep, 0.001, name="quick")
+
+    with caplog.at_level("WARNING", logger="s3cachefs.slowsteps"):
+        trio.run(main, instruments=instruments)
+    slow = [r.getMessage() for r in caplog.records if "slow step" in r.getMessage()]
+    assert len(slow) == 1, slow
+    assert "task blocker held the event loop" in slow[0] and "(blocks_the_loop)" in slow[0], slow[0]
+    monkeypatch.setenv(slowsteps.ENV, "")
+    assert slowsteps.from_env() == []
