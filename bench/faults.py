@@ -4,9 +4,11 @@ Starts its own SeaweedFS servers on loopback (free ports), a fault proxy and s3c
 runs every fault kind with its share of --writes (proportions in tests/test_faults.py WEIGHTS):
 proxy http_500 / http_503 / drop / reset_mid / blackhole, SeaweedFS SIGSTOP and SIGKILL during PUTs,
 kill -9 of s3cachefs then remount, the cache filesystem full (8 MiB tmpfs), the cache directory
-wiped between mounts. Prints one table row per fault kind and exits 1 if any pass criterion was
-violated (acknowledged write missing or wrong, 0-byte or partial object, unexpected object, wrong
-view through the mount, hang past the bound, unexplained leftover multipart upload).
+wiped between mounts. Originals (sync uploads) are mixed with thumbnails (async uploads, queued at
+close()); every scenario ends with a kill -9 and a remount whose queue must drain. Prints one table
+row per fault kind, sync and async writes apart, and exits 1 if any pass criterion was violated
+(acknowledged write missing or wrong, 0-byte or partial object, unexpected object, wrong view through
+the mount, hang past the bound, unexplained leftover multipart upload, queue not drained).
 
     sudo python -m bench.faults [--writes 1000] [--seed 1] [--only KIND ...] [--keep]
 
@@ -137,8 +139,10 @@ def main() -> int:
             finally:
                 env.end_scenario()
             tallies.append(tally)
+            sync, asy = tally.by_kind["sync"], tally.by_kind["async"]
             print(
-                f"  {kind}: {tally.writes} writes, {tally.acked} acknowledged, {tally.failed} failed, "
+                f"  {kind}: {tally.writes} writes; sync {sync.acked} acknowledged, {sync.failed} failed; "
+                f"async {asy.acked} acknowledged, {asy.failed} failed; "
                 f"{'ok' if tally.ok else 'FAIL'} ({tally.seconds:.0f}s)",
                 flush=True,
             )

@@ -530,19 +530,24 @@ def circuit_closed(m: Mount) -> bool:
     return text.count("S3 answers again") >= text.count("circuit open, S3 calls fail at once")
 
 
-def queues_empty(m: Mount) -> bool:
-    """No upload or DELETE of the mount is queued (read from its index, beside the daemon)."""
+def queued_entries(m: Mount) -> int:
+    """How many uploads and DELETEs of the mount are queued (read from its index, beside the daemon)."""
     try:
         db = sqlite3.connect(f"file:{m.cache_dir / 'index.sqlite'}?mode=ro", uri=True)
     except sqlite3.Error:
-        return True
+        return 0
     try:
         q = "SELECT (SELECT COUNT(*) FROM upload_queue) + (SELECT COUNT(*) FROM delete_queue)"
-        return int(db.execute(q).fetchone()[0]) == 0
+        return int(db.execute(q).fetchone()[0])
     except sqlite3.Error:
-        return True  # an index from before the queues, or none yet
+        return 0  # an index from before the queues, or none yet
     finally:
         db.close()
+
+
+def queues_empty(m: Mount) -> bool:
+    """No upload or DELETE of the mount is queued."""
+    return queued_entries(m) == 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,10 +4,13 @@ real mount, with S3 behind a fault proxy that fails only the requests a test nam
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,6 +100,38 @@ def test_an_unlinked_or_rewritten_queued_file_leaves_the_bucket_with_the_namespa
     m.unmount()
     m.start()
     assert not (m.path / gone).exists() and (m.path / rewritten).read_bytes() == new
+
+
+def test_a_queued_file_open_for_writing_again_does_not_stall_the_mount(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    # The uploader once took the entry of a file being written again, skipped it without awaiting
+    # and took it again at once: the mount's event loop spun for ever and no request was answered
+    # (found by the fault suite: a thumbnail rewritten before its upload went out).
+    m = through(make_mount, proxy)
+    new = os.urandom(20_000)
+    with proxy.fault("http_503", only="PUT /" + m.bucket + "/local_thumbnails/"):
+        write(m, THUMB, os.urandom(10_000))  # queued; its PUT fails, so the entry stays
+        fd = os.open(m.path / THUMB, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            time.sleep(3.0)  # the uploader is woken every second; its first retry is due after 1 s
+            # In a thread (a stuck FUSE request cannot be timed out otherwise), and no child process
+            # (it would inherit fd, and its exec would close it: a FLUSH that hangs as well).
+            looked = threading.Thread(target=os.stat, args=(m.path / THUMB,), daemon=True)
+            looked.start()
+            looked.join(10)
+            alive = not looked.is_alive()
+            if alive:
+                os.write(fd, new)
+            else:
+                m.kill()  # answers the stuck requests (ENOTCONN), so that nothing here stays blocked
+                looked.join(10)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert alive, "the mount stopped answering while a queued file was open for writing again"
+    assert wait_until(lambda: queue_empty(m), 60)
+    assert bucket_objects(s3, m.bucket) == {THUMB: new}
 
 
 def test_unlink_returns_before_the_delete_and_no_listing_brings_the_name_back(

@@ -165,6 +165,13 @@ class Queue:
                     continue
             if item in self._claimed:
                 continue
+            if item[0] == "upload":
+                node = self.index.get(item[1])
+                if node is not None and node.state != State.QUEUED:
+                    # Being written again: send() would skip it without awaiting, and a worker that
+                    # took it again at once would spin and starve the event loop (every request of
+                    # the mount). Its close queues it again or puts it back (states.requeued).
+                    continue
             retry = self._retry.get(item)
             if retry is not None and retry[1] > now:
                 continue
