@@ -47,6 +47,8 @@ from .s3 import S3, AccessDenied, NoSuchBucket, S3Error, SyncS3
 
 log = logging.getLogger(__name__)
 
+GIL_SWITCH_INTERVAL = 0.0005  # seconds; CPython's default is 0.005 (see run())
+
 HOUSEKEEPING_EVERY = 60.0
 # Worker threads for local disk work and for calls into the kernel (see _build).
 DISK_THREADS = 4
@@ -591,6 +593,12 @@ def run(config: Config) -> int:
                 log.info(
                     "serving metrics at http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port
                 )
+            # Worker threads (S3 calls, the listing's page parsing, hashing) hold the GIL while they
+            # run Python code, and the event loop gives it up at every SQLite call: with CPython's
+            # default interval each of those may wait 5 ms to get it back, and a FUSE request that
+            # makes ten of them waited 30-60 ms behind the listing of a large bucket. A shorter
+            # interval bounds each wait to GIL_SWITCH_INTERVAL.
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
             unmount = True
             try:
                 unmount = trio.run(_serve, parts, config, instruments=slowsteps.from_env())

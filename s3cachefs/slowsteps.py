@@ -25,14 +25,19 @@ class SlowSteps(trio.abc.Instrument):
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
         self._started = 0.0
+        self._cpu = 0.0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._started = time.perf_counter()
+        self._cpu = time.thread_time()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = time.perf_counter() - self._started
         if took < self.threshold:
             return
+        # CPU time well under the wall time: the loop's thread was waiting (for the GIL held by a
+        # worker thread, or for a CPU), not working.
+        cpu = time.thread_time() - self._cpu
         # The innermost suspended frame outside trio itself: follow the await chain down.
         frame = None
         coro: object = task.coro
@@ -45,7 +50,11 @@ class SlowSteps(trio.abc.Instrument):
         if frame is not None:
             where = f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"
         log.warning(
-            "slow step: task %s held the event loop %.1f ms; next await at %s", task.name, took * 1000, where
+            "slow step: task %s held the event loop %.1f ms (%.1f ms of CPU); next await at %s",
+            task.name,
+            took * 1000,
+            cpu * 1000,
+            where,
         )
 
 

@@ -20,7 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import botocore.utils
 import pytest
+
+from s3cachefs.s3.sync import parse_timestamp
 
 from .harness import (
     REPO_ROOT,
@@ -297,6 +300,30 @@ def test_objects_already_in_the_bucket_are_listed_and_served(
         assert [(e.name, e.is_dir()) for e in it] == [("cd", True)]
     # Keys outside the prefix are not part of the mount.
     assert ("other" in os.listdir(m.path)) == (prefix == "")
+
+
+def test_listed_objects_get_their_last_modified_time_as_mtime(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    # The listing's timestamps are parsed by s3/sync.py parse_timestamp (not dateutil: see there).
+    s3.put_object(Bucket=bucket, Key=ORIGINAL, Body=b"x")
+    listed = s3.list_objects_v2(Bucket=bucket)["Contents"][0]["LastModified"]
+    m = make_mount(bucket=bucket)
+    os.listdir(m.path / "local_content")  # the listing, not a HEAD, gave the row
+    assert os.stat(m.path / ORIGINAL).st_mtime == listed.timestamp()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-12-02T14:25:03.000Z",
+        "2026-12-02T14:25:03.5+01:00",
+        "Wed, 02 Dec 2026 14:25:03 GMT",
+        "1764685503",
+    ],
+)
+def test_timestamps_of_s3_answers_parse_as_botocore_parses_them(value: str) -> None:
+    assert parse_timestamp(value) == botocore.utils.parse_timestamp(value)
 
 
 def test_a_torn_cache_file_is_never_served(make_mount: MakeMount) -> None:
