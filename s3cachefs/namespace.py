@@ -183,6 +183,7 @@ class Namespace:
             return
         # Past the metadata TTL a complete directory is listed again: names others added since are
         # added (those they removed go at their next lookup, or at the next full listing).
+        relisting = node.complete
         rel = self.index.relpath(ino)
         dir_prefix = self.prefix + (rel + "/" if rel else "")
         async for objs, prefixes in self.s3.list_pages(dir_prefix, delimiter="/"):
@@ -208,7 +209,16 @@ class Namespace:
                 name = p[len(dir_prefix) :].rstrip("/").encode("utf-8", "surrogateescape")
                 sane = name and name not in (b".", b"..") and len(name) <= NAME_MAX and b"/" not in name
                 gone = self.cache.delete_pending(p[len(self.prefix) :])
-                if sane and not gone and self.index.lookup(ino, name) is None:
+                if not sane or gone or self.index.lookup(ino, name) is not None:
+                    continue
+                # A directory new to a re-listing: SeaweedFS (and other servers that keep folders)
+                # still answer with the prefix of a folder whose objects were all deleted, which would
+                # bring back a directory removed here (rmdir and rename then say ENOTEMPTY). Only a
+                # prefix with an object below it is a directory (as for a lookup). Not on a first
+                # listing: its new prefixes are the whole tree, and a full listing follows anyway.
+                if relisting and not await self.s3.has_prefix(p):
+                    continue
+                if self.index.get(ino) is not None and self.index.lookup(ino, name) is None:
                     self.index.add_dir(ino, name, complete=False)
         if self.index.get(ino) is not None:
             self.index.set_complete(ino)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .harness import MakeMount, Mount, S3Server, wait_until
+from .harness import MakeMount, Mount, S3Server, queues_empty, wait_until
 from .test_reads import s3_calls
 
 if TYPE_CHECKING:
@@ -243,3 +243,24 @@ def test_a_directory_replaced_by_a_file_through_another_mount_is_read_as_the_fil
     os.rmdir(a.path / "t/d")
     (a.path / "t/d").write_bytes(b"now a file")
     assert read_or_errno(b.path / "t/d") == b"now a file"
+
+
+def test_a_folder_the_server_keeps_after_its_objects_were_deleted_does_not_come_back_on_a_relisting(
+    make_mount: MakeMount, bucket: str, s3: S3Client
+) -> None:
+    # SeaweedFS keeps the folder of deleted objects and still answers a delimited LIST with its
+    # prefix. Past the TTL a directory is listed again; that prefix must not bring back the
+    # directory removed here (found by the two-mount model: rename over the parent, ENOTEMPTY).
+    m = make_mount(bucket=bucket, extra_args=["--metadata-ttl", "0"])
+    (m.path / "t/a").mkdir(parents=True)
+    (m.path / "t/a/f").write_bytes(b"x")
+    (m.path / "t/a/f").unlink()
+    (m.path / "u").mkdir()
+    (m.path / "t/a").rename(m.path / "u")  # an empty directory over an empty one
+    assert wait_until(lambda: queues_empty(m), NOTICE)
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix="t/", Delimiter="/")
+    prefixes = [p["Prefix"] for p in listing.get("CommonPrefixes") or []]
+    assert prefixes == ["t/a/"], "SeaweedFS keeps the folder: the case this test is about"
+    assert os.listdir(m.path / "t") == []
+    (m.path / "t").rmdir()
+    assert not (m.path / "t").exists()
