@@ -13,9 +13,14 @@ With a finite metadata_ttl (--metadata-ttl), what the index says about a name is
 only, for buckets that others write to while we are mounted (a standby host's mount, `s3cachefs
 import`, the provider's upload job). Past it: a miss in a complete directory asks S3 (a HEAD, under the
 negative cache), a known file is looked up again (HEAD, at lookup and at open) and its row follows
-(states.replaced, or dropped if it is gone), and opendir lists the directory again. The default is no
-TTL: none of these requests are made, so Synapse's reactor thread never waits on S3 for them. When
-each row was last checked is kept in memory only (a bounded cache): a restart checks everything once.
+(states.replaced, or dropped if it is gone), a known directory is looked up again too (a HEAD of its
+name's key, and a LIST of at most one key below it if an object is there: Namespace.check_dir) so
+that a directory another writer replaced by a file becomes that file, and opendir lists the
+directory again. A directory that others merely removed (no object at its name, no key below it)
+stays: a directory made by mkdir lives in the index only (README "Index"), and S3 cannot tell the
+two apart. The default is no TTL: none of these requests are made, so Synapse's reactor thread never
+waits on S3 for them. When each row was last checked is kept in memory only (a bounded cache): a
+restart checks everything once.
 
 Errors are raised as OSError with an errno (or S3Error from s3.py); fs.py turns them into FUSEError.
 """
@@ -91,6 +96,12 @@ class Namespace:
         self.validated: cachetools.TTLCache[int, bool] = cachetools.TTLCache(
             maxsize=VALIDATED_MAX, ttl=metadata_ttl if metadata_ttl is not None else 0
         )
+        # Directories whose name was checked against S3 (is it a file now?) within the last
+        # metadata_ttl seconds, at lookup (check_dir); apart from `validated`, which says that
+        # opendir listed them.
+        self.kind_checked: cachetools.TTLCache[int, bool] = cachetools.TTLCache(
+            maxsize=VALIDATED_MAX, ttl=metadata_ttl if metadata_ttl is not None else 0
+        )
         # One HEAD per inode at a time, however many lookups and opens ask.
         self._refreshing: dict[int, trio.Event] = {}
         self.listing_active = False
@@ -120,7 +131,15 @@ class Namespace:
     async def lookup(self, parent: int, name: bytes) -> Node | None:
         node = self.index.lookup(parent, name)
         if node is not None:
-            if node.is_dir or not self.stale(node.ino):
+            if node.is_dir:
+                if node.ino == ROOT_INO or self.metadata_ttl is None or node.ino in self.kind_checked:
+                    return node
+                try:
+                    await self.check_dir(node.ino)
+                except S3Error as e:
+                    log.debug("lookup of %s: serving the index's answer, S3 did not give one (%s)", name, e)
+                return self.index.lookup(parent, name)
+            if not self.stale(node.ino):
                 return node
             try:
                 if await self.refresh(node.ino) == Freshness.GONE:
@@ -159,22 +178,26 @@ class Namespace:
         if node is not None:
             return node
         if info is not None:
-            node = self.index.add_file(
-                parent,
-                name,
-                State.REMOTE,
-                info.size,
-                info.etag,
-                info.mtime_ns,
-                self.index.listing_gen,
-                self.cache.klass(rel).columns,
-            )
+            node = self._add_object(parent, name, rel, info)
             self._checked(node.ino)
             return node
         if is_dir:
             return self.index.add_dir(parent, name, complete=False)
         self.negative[rel] = True
         return None
+
+    def _add_object(self, parent: int, name: bytes, rel: str, info: ObjectInfo) -> Node:
+        """A REMOTE row for the object S3 holds at `rel` (found by a HEAD or a LIST)."""
+        return self.index.add_file(
+            parent,
+            name,
+            State.REMOTE,
+            info.size,
+            info.etag,
+            info.mtime_ns,
+            self.index.listing_gen,
+            self.cache.klass(rel).columns,
+        )
 
     async def ensure_listed(self, ino: int) -> None:
         """Make the index authoritative for the children of directory `ino` (one delimited LIST)."""
@@ -195,16 +218,7 @@ class Namespace:
                     continue
                 rel = o.key[len(self.prefix) :]
                 if self.index.lookup(ino, name) is None and not self._deleted(rel):
-                    self.index.add_file(
-                        ino,
-                        name,
-                        State.REMOTE,
-                        o.size,
-                        o.etag,
-                        o.mtime_ns,
-                        self.index.listing_gen,
-                        self.cache.klass(rel).columns,
-                    )
+                    self._add_object(ino, name, rel, o)
             for p in prefixes:
                 name = p[len(dir_prefix) :].rstrip("/").encode("utf-8", "surrogateescape")
                 sane = name and name not in (b".", b"..") and len(name) <= NAME_MAX and b"/" not in name
@@ -289,6 +303,81 @@ class Namespace:
         self.cache.replaced(ino, info.size, info.etag, info.mtime_ns, self.index.listing_gen)
         self.on_changed(ino, None)
         return Freshness.CHANGED
+
+    async def check_dir(self, ino: int) -> None:
+        """Past the metadata TTL, at a lookup of a directory's name: has another writer removed the
+        directory and put a file under its name? A HEAD of the name's key; only if an object is
+        there, a LIST of at most one key below it. An object and no key below: the name is that
+        file now, and the directory's row and everything below it are replaced by the file's row
+        (the kernel is told, on_changed), unless a file below it is ours to say or in use (then the
+        directory stays, and a warning is logged). No object: the directory stays, whether others
+        removed it or it was made here by mkdir (it lives in the index only; S3 cannot tell the
+        two apart). Concurrent callers for one directory share one check."""
+        while (pending := self._refreshing.get(ino)) is not None:
+            await pending.wait()
+            if ino in self.kind_checked:
+                return
+        done = self._refreshing[ino] = trio.Event()
+        try:
+            await self._check_dir(ino)
+        finally:
+            del self._refreshing[ino]
+            done.set()
+
+    async def _check_dir(self, ino: int) -> None:
+        node = self.index.get(ino)
+        if node is None or not node.is_dir or ino == ROOT_INO:
+            return
+        rel = self.index.relpath(ino)
+        if self.cache.delete_pending(rel):
+            # Our own DELETE of a file of that name is queued (it was unlinked, then mkdir made the
+            # directory): the object S3 still holds is on its way out.
+            self._kind_checked(ino)
+            return
+        key = self.prefix + rel
+        # The key is held, as in _refresh: no queued PUT or DELETE of it is half done meanwhile.
+        async with self.cache.keys.hold(rel):
+            info = await self.s3.head(key)
+        if info is None or await self.s3.has_prefix(key + "/"):
+            self._kind_checked(ino)
+            return
+        # The awaits let other requests run: only a directory still where it was may be replaced.
+        cur = self.index.get(ino)
+        if cur is None or not cur.is_dir or self.index.relpath(ino) != rel or self.cache.delete_pending(rel):
+            return
+        tree = self.cache.tree(ino)
+        if tree is None:
+            log.warning(
+                "%s is a file in S3 now (written by another mount?), but a file below the directory of "
+                "that name is in use or not uploaded yet: the directory stays",
+                rel,
+            )
+            self._kind_checked(ino)
+            return
+        files, dirs = tree
+        dir_nodes = [d for d in map(self.index.get, dirs) if d is not None]
+        added: list[Node] = []
+
+        def add_file() -> None:
+            added[:] = [self._add_object(cur.parent, cur.name, rel, info)]
+
+        log.info(
+            "%s: the directory was replaced by a file behind our back (%d files and %d directories below it forgotten)",
+            rel,
+            len(files),
+            len(dirs),
+        )
+        self.cache.drop_tree(files, [*dirs, ino], also=add_file)
+        self.negative.pop(rel, None)
+        for gone in (*files, *dir_nodes, cur):
+            self.validated.pop(gone.ino, None)
+            self.kind_checked.pop(gone.ino, None)
+            self.on_changed(gone.ino, gone)
+        self._checked(added[0].ino)
+
+    def _kind_checked(self, ino: int) -> None:
+        if self.metadata_ttl is not None:
+            self.kind_checked[ino] = True
 
     # -- the background listing ---------------------------------------------------------------------
 

@@ -52,8 +52,14 @@ purge_seaweedfs_dirs), a trait of the backend, not of s3cachefs. No path of the 
 thumbnail path (uploaded asynchronously, so in S3 only once the queue drained): check_key's wait for
 the queues would cover them. Not made: a file written through the second mount over a name that is
 an empty directory of the primary (the two mounts would disagree on the name's kind for good;
-Stats.conflicts), and the calls that meet KNOWN_BUGS stale-directory-elsewhere (always steered
-around in this mode, counted as skipped).
+Stats.conflicts), nor one written through the second mount below a directory only it keeps (see
+below; Stats.kept_dir_writes).
+
+A directory the second mount's index holds and the primary removed is predicted from S3 too
+(MountModel._second_kind; namespace.py's docstring and README "Other writers"): if S3 holds a file
+at its name and no key below it, the second mount's next lookup of the name replaces the directory
+(and everything its index held below it) by that file; otherwise it stays a directory there (S3
+cannot tell it from a directory made by mkdir, which lives only in the index).
 
 One mount serves many examples: each example starts by removing everything through the mount (and
 checking that the mount and the bucket are then empty). After an example that failed, the next one
@@ -159,7 +165,18 @@ class Err:
 Outcome = object  # a value (bytes, tuple, frozenset, None) or an Err
 
 
-STALE = "stale"  # MountModel._second_kind: a directory the second mount keeps, removed elsewhere
+REPLACED = "replaced"  # MountModel._second_kind: a directory of the second mount's index, a file in S3
+
+
+@dataclass
+class SecondWalk:
+    """The second mount resolving a path (MountModel._second_walk)."""
+
+    kind: str | Err | None  # "dir", "file", None (no such name), or the Err of resolving a parent
+    learned: list[str]  # directories its index learns on the way (implied by keys)
+    # Directories of its index that its lookups on the way find to be files in S3: replaced by the
+    # file, with everything below them (namespace.py Namespace.check_dir).
+    replaced: list[str]
 
 
 class Mismatch(AssertionError):
@@ -379,19 +396,21 @@ class Model:
 # that a long run can look for other bugs while that one is open. By default nothing is avoided.
 # The first two are fixed (commit 4978ddc; tests/test_model.py has their reproductions); the names
 # stay so that a run can still be steered around them, e.g. to compare with an older checkout.
-# rename-while-pipelined is fixed too (found by rename_while_open; tests/test_model.py reproduces it).
+# rename-while-pipelined is fixed too (found by rename_while_open; tests/test_model.py reproduces it),
+# and so is stale-directory-elsewhere (tests/test_consistency.py reproduces it).
 KNOWN_BUGS = {
     "rename-empty-file": "(fixed) rename of an empty file (kept in the cache only, never uploaded) "
     "outside url_cache/ gave ENOENT: Namespace.rename copied an object that S3 does not have",
     "reopen-leaks-cache-copy": "(fixed) opening a cached, uploaded file for writing and closing it "
     "without writing (open 'ab' or 'r+b', no write) turned it back to REMOTE but left its data/ file "
     "behind, uncounted: data/ grew past the cap (cache.py Cache.finish_write, revert path)",
-    "stale-directory-elsewhere": "(open; two-mount mode steers around it always) a directory the "
-    "second mount's index holds stays there once the primary has removed it (rmdir, rename, or the "
-    "name became a file): lookups of directories never ask S3, even past the metadata TTL, and the "
-    "full listing never drops directories (namespace.py Namespace.lookup, Index.stale_files). So "
-    "a file written through the primary at that name is hidden behind a directory on the second "
-    "mount, against namespace.py's docstring (names others removed go at the next lookup)",
+    "stale-directory-elsewhere": "(fixed) a directory the second mount's index holds, removed "
+    "through the primary and replaced by a file of the same name, stayed a directory on the second "
+    "mount (EISDIR): lookups of directories never asked S3, even past the metadata TTL "
+    "(namespace.py Namespace.lookup; now Namespace.check_dir; tests/test_consistency.py "
+    "test_a_directory_replaced_by_a_file_through_another_mount_is_read_as_the_file). A directory "
+    "merely removed through the primary stays on the second mount: documented (namespace.py's "
+    "docstring, README 'Other writers'), and predicted so (MountModel._second_kind)",
     "rename-while-pipelined": "(fixed) a file over the multipart threshold, appended to (which starts "
     "a pipelined multipart upload, keyed by its name then) and renamed while still open, is "
     "uploaded by its close under its OLD name: S3 holds the old key with the new bytes and nothing "
@@ -448,6 +467,11 @@ class Stats:
     resets: int = 0
     skipped: int = 0  # calls not made because they trigger an avoided known bug
     conflicts: int = 0  # second-mount writes not made: a file over a directory only the primary has
+    # second-mount writes not made: a file below a directory only the second mount keeps (it was
+    # removed through the primary; see "Two mounts" in the module docstring)
+    kept_dir_writes: int = 0
+    # directories of the second mount's index that a call through it found replaced by a file
+    replaced_dirs: int = 0
     second_calls: int = 0  # checked calls made through the second mount (two-mount mode)
     backend_skips: int = 0  # renames of big files not made because of the SeaweedFS quirk (BIG_NAMES)
     per_rule: Counter[str] = field(default_factory=Counter)
@@ -473,7 +497,8 @@ class Stats:
             f"  several descriptors on one file: {shared}\n"
             f"  through the second mount: {self.second_ops} operations, "
             f"{self.second_calls} checked calls; {self.conflicts} writes not made (file over a "
-            f"directory only the primary has)"
+            f"directory only the primary has), {self.kept_dir_writes} (file below a directory only "
+            f"the second mount keeps); {self.replaced_dirs} of its directories found replaced by a file"
         )
 
     @property
@@ -1616,59 +1641,71 @@ class MountModel(RuleBasedStateMachine):
 
     def _second_kind(self, q: str) -> str | None:
         """What the second mount's lookup of `q` answers (with --metadata-ttl 0 the kernel asks it
-        every time, and it asks S3): a directory its index holds is answered from the index
-        (namespace.py Namespace.lookup: only files are looked up again); a file row, or no row, by
-        a HEAD of the key (a file: the object, whatever version), then a LIST of at most one key
+        every time, and it asks S3). A directory its index holds: still a directory if the primary
+        has it; else REPLACED if S3 holds a file at its name (and so no key below it: the primary's
+        tree is S3's), which that lookup finds (a HEAD; namespace.py Namespace.check_dir); else it
+        stays a directory (removed elsewhere: namespace.py's docstring). A file row, or no row: a
+        HEAD of the key (a file: the object, whatever version), then a LIST of at most one key
         below it (a directory implied by keys; SeaweedFS's empty directories do not show in an
-        undelimited LIST); else no such name. STALE: a directory its index holds that the primary
-        no longer has (KNOWN_BUGS stale-directory-elsewhere)."""
+        undelimited LIST); else no such name."""
         if q == "":
             return "dir"
-        if q in self.bdirs:
-            return "dir" if self.model.kind(q) == "dir" else STALE
         s3 = self.model.uploaded()
+        if q in self.bdirs:
+            if self.model.kind(q) != "dir" and q in s3:
+                assert not any(k.startswith(q + "/") for k in s3), q
+                return REPLACED
+            return "dir"
         if q in s3:
             return "file"
         if any(k.startswith(q + "/") for k in s3):
             return "dir"
         return None
 
-    def _second_walk(self, path: str) -> tuple[str | Err | None, list[str]] | None:
-        """The second mount resolving `path` component by component: the kind of `path` ("dir",
-        "file", None: no such name), or the Err of resolving a parent; and the directories its
-        index learns on the way (implied by keys). None: the walk meets a stale directory."""
-        learned: list[str] = []
+    def _second_walk(self, path: str) -> SecondWalk:
+        """The second mount resolving `path` component by component."""
+        walk = SecondWalk(None, [], [])
         parts = path.split("/")
         for i in range(len(parts)):
             q = "/".join(parts[: i + 1])
             k = self._second_kind(q)
-            if k == STALE:
-                return None
+            if k == REPLACED:
+                walk.replaced.append(q)
+                k = "file"
             if k == "dir" and q not in self.bdirs:
-                learned.append(q)
+                walk.learned.append(q)
             if i == len(parts) - 1:
-                return k, learned
+                walk.kind = k
+                return walk
             if k is None:
-                return Err(errno.ENOENT), learned
+                walk.kind = Err(errno.ENOENT)
+                return walk
             if k == "file":
-                return Err(errno.ENOTDIR), learned
+                walk.kind = Err(errno.ENOTDIR)
+                return walk
         raise AssertionError("unreachable")
 
-    def _second_resolve(self, path: str) -> tuple[str | Err | None, list[str]] | None:
+    def _second_resolve(self, path: str) -> SecondWalk | None:
+        """_second_walk, or None if the walk replaces a directory by a file and
+        stale-directory-elsewhere is avoided (to compare with a checkout from before its fix)."""
         walk = self._second_walk(path)
-        if walk is None:
-            self.env.stats.skipped += 1
-            self.trace.append(
-                f"(skipped through the second mount: {path!r}, known bug stale-directory-elsewhere)"
-            )
-        return walk
+        return None if self._avoided("stale-directory-elsewhere", bool(walk.replaced)) else walk
 
     def _second_check(
-        self, call: str, expected: Outcome, actual: Outcome, learned: list[str], durable: tuple[str, ...] = ()
+        self, call: str, expected: Outcome, actual: Outcome, walk: SecondWalk, durable: tuple[str, ...] = ()
     ) -> None:
         self.env.stats.second_calls += 1
-        self.bdirs.update(learned)
+        for d in walk.replaced:
+            self.env.stats.replaced_dirs += 1
+            self.trace.append(f"(the second mount's directory {d!r} is a file in S3: replaced)")
+            self.bdirs = {b for b in self.bdirs if b != d and not b.startswith(d + "/")}
+        self.bdirs.update(walk.learned)
         self.check(f"[second] {call}", expected, actual, durable)
+
+    @staticmethod
+    def _ancestors(path: str) -> list[str]:
+        parts = path.split("/")[:-1]
+        return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
     @staticmethod
     def _second_expect_read(kind: str | Err | None, data: bytes | None) -> Outcome:
@@ -1695,12 +1732,11 @@ class MountModel(RuleBasedStateMachine):
         for p in sorted(self.model.files):
             walk = self._second_resolve(p)
             if walk is not None:
-                kind, learned = walk
                 self._second_check(
                     f"read({p!r})",
-                    self._second_expect_read(kind, self.model.uploaded().get(p)),
+                    self._second_expect_read(walk.kind, self.model.uploaded().get(p)),
                     attempt(self.real2(p).read_bytes),
-                    learned,
+                    walk,
                 )
 
     def _changing_through_second(self, path: str) -> None:
@@ -1720,7 +1756,7 @@ class MountModel(RuleBasedStateMachine):
         walk = self._second_resolve(path)
         if walk is None:
             return
-        kind, learned = walk
+        kind = walk.kind
         if kind is None and self.model.kind(path) == "dir":
             # A directory that lives only in the primary's index (README "Index": mkdir lives only in
             # the index; no key implies it): the second mount would make a file of that name, and the
@@ -1729,15 +1765,25 @@ class MountModel(RuleBasedStateMachine):
             self.trace.append(f"(not made through the second mount: a file over the directory {path!r})")
             return
         data = payload(size, seed)
-        self._changing_through_second(path)
         expected: Outcome = kind if isinstance(kind, Err) else Err(errno.EISDIR) if kind == "dir" else None
+        kept = [a for a in self._ancestors(path) if self.model.kind(a) != "dir"]
+        if expected is None and kept:
+            # Below a directory the primary removed and the second mount keeps (see "Two mounts" in
+            # the module docstring): the file's key would make the directory real in S3 again, for
+            # the primary too, which the model of the primary's tree does not follow. Not made.
+            self.env.stats.kept_dir_writes += 1
+            self.trace.append(
+                f"(not made through the second mount: a file below {kept[0]!r}, kept only there)"
+            )
+            return
+        self._changing_through_second(path)
         if expected is None:
             self.model.files[path] = data
         self._second_check(
             f"write({path!r}, {size} bytes seed={seed})",
             expected,
             self._write_at_root(self.second.path, path, "wb", data, chunk),
-            learned,
+            walk,
             durable=(path,),
         )
 
@@ -1752,7 +1798,7 @@ class MountModel(RuleBasedStateMachine):
         walk = self._second_resolve(path)
         if walk is None:
             return
-        kind, learned = walk
+        kind = walk.kind
         cur = self.model.files.get(path, b"") if kind == "file" else b""
         self._changing_through_second(path)
         off = offset % (len(cur) + 4097)
@@ -1765,7 +1811,7 @@ class MountModel(RuleBasedStateMachine):
             f"overwrite({path!r}, at {off}, {size} bytes seed={seed})",
             expected,
             self._write_at_root(self.second.path, path, "r+b", data, 65536, offset=off),
-            learned,
+            walk,
             durable=(path,),
         )
 
@@ -1777,7 +1823,7 @@ class MountModel(RuleBasedStateMachine):
         walk = self._second_resolve(path)
         if walk is None:
             return
-        kind, learned = walk
+        kind = walk.kind
         expected: Outcome = self._second_expect_read(kind, b"")
         self._changing_through_second(path)
         if not isinstance(expected, Err):
@@ -1787,7 +1833,7 @@ class MountModel(RuleBasedStateMachine):
             f"unlink({path!r})",
             expected,
             attempt(lambda: os.unlink(self.real2(path))),
-            learned,
+            walk,
             durable=(path,),
         )
         if expected is None:
@@ -1805,12 +1851,12 @@ class MountModel(RuleBasedStateMachine):
         walk = self._second_resolve(path)
         if walk is None:
             return
-        kind, learned = walk
+        kind = walk.kind
         self._second_check(
             f"read({path!r})",
             self._second_expect_read(kind, self.model.uploaded().get(path)),
             attempt(self.real2(path).read_bytes),
-            learned,
+            walk,
         )
 
     @rule(t=st.one_of(st.just(""), targets))
@@ -1821,7 +1867,7 @@ class MountModel(RuleBasedStateMachine):
         walk = self._second_resolve(path)
         if walk is None:
             return
-        kind, learned = walk
+        kind = walk.kind
         expected: Outcome
         if isinstance(kind, Err):
             expected = kind
@@ -1836,7 +1882,7 @@ class MountModel(RuleBasedStateMachine):
             st_ = os.stat(self.real2(path))
             return ("dir", None) if statmod.S_ISDIR(st_.st_mode) else ("file", st_.st_size)
 
-        self._second_check(f"stat({path!r})", expected, attempt(go), learned)
+        self._second_check(f"stat({path!r})", expected, attempt(go), walk)
 
     @rule(how=st.sampled_from(("same cache", "wiped")))
     @precondition(lambda self: self._second_ok() and self.may_remount())

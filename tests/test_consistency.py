@@ -12,8 +12,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
-
 from .harness import MakeMount, Mount, S3Server, queues_empty, wait_until
 from .test_reads import s3_calls
 
@@ -225,14 +223,14 @@ def test_files_written_through_the_ttl_mount_are_not_fetched_again_after_the_ttl
     assert s3_calls(m).get("GET", 0) == before.get("GET", 0), "no file was downloaded again"
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: tests/model.py KNOWN_BUGS stale-directory-elsewhere")
 def test_a_directory_replaced_by_a_file_through_another_mount_is_read_as_the_file(
     make_mount: MakeMount, bucket: str
 ) -> None:
-    """Found by the two-mount model (tests/model.py): with --metadata-ttl 0 on both mounts, a
-    directory the second mount has seen, removed through the first and replaced by a file of the
-    same name, stays a directory on the second (Namespace.lookup never asks S3 about a directory,
-    and the full listing never drops one): the file is hidden behind it (EISDIR)."""
+    """Found by the two-mount model (tests/model.py KNOWN_BUGS stale-directory-elsewhere): with
+    --metadata-ttl 0 on both mounts, a directory the second mount has seen, removed through the
+    first and replaced by a file of the same name, stayed a directory on the second (Namespace.lookup
+    never asked S3 about a directory): the file was hidden behind it (EISDIR). Now a lookup of a
+    directory past the TTL asks S3 (Namespace.check_dir)."""
     a = make_mount(bucket=bucket, extra_args=["--metadata-ttl", "0"])
     b = make_mount(bucket=bucket, extra_args=["--metadata-ttl", "0"])
     assert wait_until(lambda: listed(a) and listed(b), NOTICE)
@@ -242,6 +240,7 @@ def test_a_directory_replaced_by_a_file_through_another_mount_is_read_as_the_fil
     os.unlink(a.path / "t/d/f")
     os.rmdir(a.path / "t/d")
     (a.path / "t/d").write_bytes(b"now a file")
+    assert wait_until(lambda: queues_empty(a), NOTICE)  # t/d/f's DELETE is done: no key below t/d
     assert read_or_errno(b.path / "t/d") == b"now a file"
 
 
@@ -264,3 +263,64 @@ def test_a_folder_the_server_keeps_after_its_objects_were_deleted_does_not_come_
     assert os.listdir(m.path / "t") == []
     (m.path / "t").rmdir()
     assert not (m.path / "t").exists()
+
+
+def _dir_seen_by_both(make_mount: MakeMount, bucket: str) -> tuple[Mount, Mount]:
+    """Two mounts with --metadata-ttl 0; t/d/f written through the first, t/d known to the second."""
+    a = make_mount(bucket=bucket, extra_args=["--metadata-ttl", "0"])
+    b = make_mount(bucket=bucket, extra_args=["--metadata-ttl", "0"])
+    assert wait_until(lambda: listed(a) and listed(b), NOTICE)
+    os.makedirs(a.path / "t/d")
+    (a.path / "t/d/f").write_bytes(b"x")
+    assert (b.path / "t/d/f").read_bytes() == b"x"
+    return a, b
+
+
+def test_a_directory_removed_through_another_mount_stays_on_the_ttl_mount(
+    make_mount: MakeMount, bucket: str
+) -> None:
+    """namespace.py's docstring and README "Other writers": a directory others merely removed (no
+    object at its name, no key below it) stays, as a directory made here by mkdir would (it lives
+    in the index only); the file they removed from it goes."""
+    a, b = _dir_seen_by_both(make_mount, bucket)
+    os.unlink(a.path / "t/d/f")
+    os.rmdir(a.path / "t/d")
+    assert wait_until(lambda: queues_empty(a), NOTICE)
+    assert read_or_errno(b.path / "t/d/f") == errno.ENOENT
+    assert os.path.isdir(b.path / "t/d")
+    assert os.listdir(b.path / "t/d") == []
+
+
+def test_a_directory_replaced_by_a_file_elsewhere_stays_while_a_file_below_it_is_open(
+    make_mount: MakeMount, bucket: str
+) -> None:
+    """A file below the directory is open on the TTL mount: its row is not dropped under it, so
+    the directory stays (and a warning is logged) until it is closed; then the name is the file."""
+    a, b = _dir_seen_by_both(make_mount, bucket)
+    with open(b.path / "t/d/f", "rb") as held:
+        os.unlink(a.path / "t/d/f")
+        os.rmdir(a.path / "t/d")
+        (a.path / "t/d").write_bytes(b"now a file")
+        assert wait_until(lambda: queues_empty(a), NOTICE)
+        assert read_or_errno(b.path / "t/d") == errno.EISDIR
+        assert "is a file in S3 now" in b.log_text()
+        assert held.read() == b"x"
+    assert read_or_errno(b.path / "t/d") == b"now a file"
+
+
+def test_without_a_ttl_lookups_of_known_directories_ask_s3_nothing(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    """Synapse's hot paths stay S3-free with the default options: the kernel looks each directory
+    up again after a remount, and the daemon answers from its index."""
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/seed", Body=b"seed")
+    m = make_mount(bucket=bucket)
+    assert wait_until(lambda: listed(m), NOTICE)
+    m.unmount()
+    m.start()
+    assert wait_until(lambda: listed(m), NOTICE)
+    before = s3_calls(m)
+    for d in ("local_content", "local_content/ab", "local_content/ab/cd"):
+        assert os.path.isdir(m.path / d)
+    after = s3_calls(m)
+    assert (after.get("HEAD", 0), after.get("LIST", 0)) == (before.get("HEAD", 0), before.get("LIST", 0))

@@ -280,6 +280,35 @@ class Cache:
         write = self.space.durable_write if durable else self.space.index_write
         states.dropped(self.store, write if commit else states.direct, ino, also)
 
+    def tree(self, ino: int) -> tuple[list[Node], list[int]] | None:
+        """The files and the directories below directory `ino`, or None if one of the files is not
+        S3's to say (being written, queued for upload, local-only or empty: LOCAL) or is in use
+        (open, being downloaded)."""
+        files: list[Node] = []
+        dirs: list[int] = []
+        stack = [ino]
+        while stack:
+            parent = stack.pop()
+            after = 0
+            while batch := self.index.children(parent, after):
+                for n in batch:
+                    if n.is_dir:
+                        dirs.append(n.ino)
+                        stack.append(n.ino)
+                        continue
+                    if n.state not in (State.REMOTE, State.CACHED) or self.store.busy(n.ino):
+                        return None
+                    if n.ino in self.store.starting:
+                        return None
+                    files.append(n)
+                after = batch[-1].ino
+        return files, dirs
+
+    def drop_tree(self, files: list[Node], dirs: list[int], also: Change | None = None) -> None:
+        """Files and directories (Cache.tree) leave the namespace in one commit, with `also`
+        (states.tree_dropped), retried on a full disk."""
+        states.tree_dropped(self.store, self.space.index_write, files, dirs, also)
+
     def replaced(self, ino: int, size: int, etag: str | None, mtime_ns: int, gen: int) -> None:
         """The object was replaced behind our back (states.replaced)."""
         states.replaced(self.store, ino, size, etag, mtime_ns, gen)

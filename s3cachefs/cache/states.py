@@ -31,7 +31,8 @@ committed, so a retried commit never counts twice.
       LOCAL ── writing() ──▶ WRITING;  LOCAL ── evicted() (age limit or disk full only) ──▶ (removed)
       any file ── dropped() ──▶ (removed): unlink, rename over it, the listing no longer sees it
                                 (or a HEAD past the metadata TTL finds no object), a first write
-                                that failed with no older version (reverted())
+                                that failed with no older version (reverted()); tree_dropped(): the
+                                files below a directory whose name a HEAD found to be a file
       WRITING ── orphaned() ──▶ REMOTE or (removed): at mount, a write whose close never succeeded
       any file with a writer ── unsent() ──▶ WRITING with no S3 version: renamed while open for writing
 
@@ -301,6 +302,31 @@ def dropped(store: Store, write: Write, ino: int, also: Change | None = None) ->
     w = store.writers.get(ino)
     if w is not None:
         w.unlinked = True
+
+
+def tree_dropped(
+    store: Store, write: Write, files: list[Node], dirs: list[int], also: Change | None = None
+) -> None:
+    """dropped() for every file of a directory's subtree at once, with the directories (`dirs`), in
+    one commit: a HEAD past the metadata TTL found the directory's name to be a file in S3 (another
+    mount removed the directory and wrote the file). The caller made sure that none of `files` is
+    open, written or ours to say (Cache.tree). `also`: the file's row, committed with them."""
+
+    def change() -> None:
+        for f in files:
+            store.index.remove(f.ino)
+            store.index.unqueue_upload(f.ino)
+        for d in dirs:
+            store.index.remove(d)
+        if also is not None:
+            also()
+
+    write(change)
+    for f in files:
+        if f.state in IN_CACHE:
+            store.cached_bytes -= f.size
+            store.cached_files -= 1
+        store.unlink_data(f.ino)
 
 
 def evicted(store: Store, victims: list[tuple[int, int, State]]) -> None:
