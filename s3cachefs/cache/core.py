@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,20 +288,18 @@ class Cache:
         dirs: list[int] = []
         stack = [ino]
         while stack:
-            parent = stack.pop()
-            after = 0
-            while batch := self.index.children(parent, after):
-                for n in batch:
-                    if n.is_dir:
-                        dirs.append(n.ino)
-                        stack.append(n.ino)
-                        continue
-                    if n.state not in (State.REMOTE, State.CACHED) or self.store.busy(n.ino):
-                        return None
-                    if n.ino in self.store.starting:
-                        return None
-                    files.append(n)
-                after = batch[-1].ino
+            for n in self._children(stack.pop()):
+                if n.is_dir:
+                    dirs.append(n.ino)
+                    stack.append(n.ino)
+                    continue
+                if (
+                    n.state not in (State.REMOTE, State.CACHED)
+                    or self.store.busy(n.ino)
+                    or n.ino in self.store.starting
+                ):
+                    return None
+                files.append(n)
         return files, dirs
 
     def drop_tree(self, files: list[Node], dirs: list[int], also: Change | None = None) -> None:
@@ -356,12 +354,14 @@ class Cache:
         return node
 
     def _files_in(self, parent: int) -> list[Node]:
-        out: list[Node] = []
+        return [n for n in self._children(parent) if not n.is_dir]
+
+    def _children(self, parent: int) -> Iterator[Node]:
+        """Every child of directory `parent`, read from the index a page at a time."""
         after = 0
         while batch := self.index.children(parent, after):
-            out += [n for n in batch if not n.is_dir]
+            yield from batch
             after = batch[-1].ino
-        return out
 
     # -- space --------------------------------------------------------------------------------------
 

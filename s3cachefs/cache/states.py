@@ -293,6 +293,12 @@ def dropped(store: Store, write: Write, ino: int, also: Change | None = None) ->
             also()
 
     write(change)
+    _forgotten(store, ino, node)
+
+
+def _forgotten(store: Store, ino: int, node: Node | None) -> None:
+    """After the commit that removed the row `node` (as it was before): its counts, its cached copy,
+    and its writer, which must not commit."""
     if node is not None and node.state in IN_CACHE:
         store.cached_bytes -= node.size
         store.cached_files -= 1
@@ -323,10 +329,7 @@ def tree_dropped(
 
     write(change)
     for f in files:
-        if f.state in IN_CACHE:
-            store.cached_bytes -= f.size
-            store.cached_files -= 1
-        store.unlink_data(f.ino)
+        _forgotten(store, f.ino, f)
 
 
 def evicted(store: Store, victims: list[tuple[int, int, State]]) -> None:
