@@ -303,8 +303,8 @@ class S3:
         self, prefix: str, delimiter: str | None = None, page_size: int = 1000
     ) -> AsyncIterator[tuple[list[ObjectInfo], list[str]]]:
         """Yield (objects, common prefixes) one page (up to page_size keys) at a time, never all at
-        once. A smaller page is parsed in shorter steps: botocore's XML parser holds the interpreter
-        lock for a whole page, and the event loop waits for the lock meanwhile."""
+        once. A smaller page is parsed in shorter steps: botocore's XML parsing, in the worker
+        thread, competes with the event loop for the interpreter lock."""
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
