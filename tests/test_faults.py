@@ -810,6 +810,12 @@ class Rig:
                     f"{rel}: the mount shows {show}, the bucket {'nothing' if want is None else f'{len(want)} B'}"
                 )
 
+    def uploads_settled(self) -> bool:
+        """Every incomplete multipart upload in the bucket has its abort failure logged."""
+        uploads = direct_client(self.server).list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])
+        logged = Counter(re.findall(r"could not abort multipart upload of (\S+):", self.mount.log_text()))
+        return all(logged[u.get("Key", "")] > 0 for u in uploads)
+
     def verify_uploads(self, lost_answers_possible: bool) -> None:
         """No multipart upload left behind, except where the abort failed (logged) or a crash or a
         lost answer made it unknowable to s3cachefs."""
@@ -874,6 +880,10 @@ class Rig:
         else:
             if root_fd is not None:
                 self.probe(root_fd, f"after-{self.tally.kind}")
+            # A pipelined upload dropped by a failed write is aborted in the background: let those
+            # aborts finish before the kill, which would otherwise leave them half done (the check
+            # after the remount is unchanged: such an upload must be gone or its failure logged).
+            wait_until(self.uploads_settled, 15)
             with outage() if outage is not None and root_fd is not None else contextlib.nullcontext():
                 if outage is not None and root_fd is not None:
                     self.write_during_outage(root_fd)
