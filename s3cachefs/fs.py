@@ -406,6 +406,11 @@ class Operations(pyfuse3.Operations):
         # (A write-open drops them too, and its writes then fill the page cache with its version.)
         version = self.cache.content_version(inode)
         keep = not writing and self._kernel_version.get(inode, version) == version
+        if not writing and not keep:
+            # The kernel may still hold the size of the old version (the invalidation that
+            # on_changed started runs in the background): it must forget it before this open is
+            # answered, or it reads the new object at the old size (as in _revalidate).
+            await trio.to_thread.run_sync(_invalidate, inode, None, limiter=self.limiter)
         self._kernel_version[inode] = version
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
@@ -461,6 +466,18 @@ class Operations(pyfuse3.Operations):
             return os.pread(w.fd, size, off)
         version = self.cache.content_version(h.ino)
         if h.version != version and h.writer is None:
+            node = self.index.get(h.ino)
+            if (
+                node is not None
+                and node.size != h.size
+                and self.cache.replaced_outside_since(h.ino, h.version)
+            ):
+                # Replaced behind our back by an object of another size since this handle was opened
+                # (a GET's 412 showed it, or the listing): the kernel reads it at the size it was
+                # told then, and padded a shorter object with zeros, or would cut a longer one. This
+                # handle fails; an open from now on reads the new object at its size. (An overwrite
+                # through the mount went through the kernel, which knows its size.)
+                raise OSError(errno.EIO, f"inode {h.ino} was replaced by an object of another size")
             # Replaced since this handle took its copy: from now on it reads the current bytes.
             self._drop_copy(h)
             h.version = version

@@ -393,6 +393,11 @@ class Namespace:
         dirs: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=4096)
         started = time.monotonic()
         count = 0
+        store = self.cache.store
+        # A page says what S3 held when it was asked for; a file this mount uploaded (or learned a
+        # newer version of) after that must not go back to what the page says (Store.s3_changed).
+        changed: set[int] = set()
+        store.changed_since_page = changed
         try:
             async for objs, _ in self.s3.list_pages(self.prefix, page_size=LISTING_PAGE):
                 # A transaction per batch, and the event loop's other requests between batches: a
@@ -401,13 +406,16 @@ class Namespace:
                     self.index.begin()
                     try:
                         for o in objs[start : start + LISTING_BATCH]:
-                            self._apply_listed(o, gen, dirs)
+                            self._apply_listed(o, gen, dirs, changed)
                     finally:
                         self.index.commit()
                     await trio.lowlevel.checkpoint()
                     dirs.clear()  # a directory it names may have been removed meanwhile
                 count += len(objs)
                 self.listed_objects = count
+                # The next page is asked for when this loop comes round: what changed until then, S3
+                # has (its answers follow the writes they acknowledged).
+                store.changed_since_page = changed = set()
             # The end of the listing, a slice of inode numbers at a time (at a million objects, one
             # statement over the whole table held the loop for seconds).
             dropped = 0
@@ -435,6 +443,7 @@ class Namespace:
                 self.index.commit()
         finally:
             self.listing_active = False
+            store.changed_since_page = None
         self.listed.set()
         log.info(
             "listed %d objects in %.1fs (%d keys hidden as unsafe names, %d entries of deleted objects dropped)",
@@ -468,7 +477,9 @@ class Namespace:
         """Deleted through this mount while a listing ran, or its DELETE is still queued."""
         return self.index.is_tombstoned(rel) or self.cache.delete_pending(rel)
 
-    def _apply_listed(self, o: ObjectInfo, gen: int, dirs: cachetools.LRUCache[str, int]) -> None:
+    def _apply_listed(
+        self, o: ObjectInfo, gen: int, dirs: cachetools.LRUCache[str, int], changed: set[int]
+    ) -> None:
         if not o.key.startswith(self.prefix):
             return
         rel = o.key[len(self.prefix) :]
@@ -509,7 +520,7 @@ class Namespace:
         if node.is_dir:
             self.skipped_keys += 1
             return
-        if node.state in (State.WRITING, State.QUEUED) or self.cache.busy(node.ino):
+        if node.state in (State.WRITING, State.QUEUED) or self.cache.busy(node.ino) or node.ino in changed:
             self.index.set_object(node.ino, node.state, node.size, node.etag, node.mtime_ns, gen)
             return
         if node.etag != o.etag or node.size != o.size:
@@ -706,6 +717,8 @@ class Namespace:
             self.cache.drop(replaced.ino, also=record, durable=durable)
         else:
             self.cache.index_write(record, durable=durable)
+        if info is not None:
+            self.cache.store.s3_changed(src.ino)
         self._gone(src_rel)
         self.negative.pop(dst_rel, None)
 

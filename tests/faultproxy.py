@@ -15,6 +15,8 @@ Modes, applied per request:
              the server sees a truncated upload; a request without a body is reset before anything
              is forwarded (as `drop`): the server never receives a complete faulted request
   blackhole  read and discard whatever arrives and never answer: a hung server
+  late       forward to the server at once, and relay its answer `delay` seconds later: the server
+             acted on the request long before the client hears of it (a LIST page that is old news)
 With probability p < 1, each request gets the fault with probability p (seeded RNG: reproducible
 for a given sequence of requests) and is passed through otherwise.
 
@@ -45,7 +47,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 LOOPBACK = "127.0.0.1"
-MODES = ("pass", "http_500", "http_503", "drop", "reset_mid", "blackhole")
+MODES = ("pass", "http_500", "http_503", "drop", "reset_mid", "blackhole", "late")
 _ERRORS = {
     "http_500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
     "http_503": (503, "Service Unavailable", "SlowDown", "Please reduce your request rate."),
@@ -132,6 +134,7 @@ class FaultProxy:
         self._probability = 1.0
         # Only requests whose "METHOD target" contains this string get the fault (None: all).
         self._only: str | None = None
+        self._delay = 0.0  # mode "late": how long an answer is held
         self._rng = random.Random(seed)
         self._counts: Counter[str] = Counter()
         self._requests = 0
@@ -147,15 +150,17 @@ class FaultProxy:
 
     # -- control (any thread) -----------------------------------------------------------------------
 
-    def set_mode(self, mode: str, probability: float = 1.0, only: str | None = None) -> None:
+    def set_mode(
+        self, mode: str, probability: float = 1.0, only: str | None = None, delay: float = 2.0
+    ) -> None:
         """only: the fault applies to requests whose "METHOD target" contains this (e.g. "DELETE "
-        or "PUT /bucket/local_thumbnails/"); the others pass."""
+        or "PUT /bucket/local_thumbnails/"); the others pass. delay: mode "late" only."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must be within [0, 1], got {probability}")
         with self._lock:
-            self._mode, self._probability, self._only = mode, probability, only
+            self._mode, self._probability, self._only, self._delay = mode, probability, only, delay
 
     @property
     def mode(self) -> tuple[str, float]:
@@ -163,9 +168,11 @@ class FaultProxy:
             return self._mode, self._probability
 
     @contextlib.contextmanager
-    def fault(self, mode: str, probability: float = 1.0, only: str | None = None) -> Iterator[FaultProxy]:
+    def fault(
+        self, mode: str, probability: float = 1.0, only: str | None = None, delay: float = 2.0
+    ) -> Iterator[FaultProxy]:
         """Apply a mode for the duration of a with-block, then go back to `pass`."""
-        self.set_mode(mode, probability, only)
+        self.set_mode(mode, probability, only, delay)
         try:
             yield self
         finally:
@@ -270,6 +277,10 @@ class FaultProxy:
                 mode = self._decide(req.method, req.target)
                 if mode == "pass":
                     await self._forward(req, reader, writer)
+                elif mode == "late":
+                    with self._lock:
+                        delay = self._delay
+                    await self._forward(req, reader, writer, hold=delay)
                 elif mode in _ERRORS:
                     await self._answer_error(mode, req, reader, writer)
                 elif mode == "drop" or (mode == "reset_mid" and (req.content_length == 0 or req.chunked)):
@@ -292,7 +303,7 @@ class FaultProxy:
             return None
 
     async def _forward(
-        self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float = 0.0
     ) -> None:
         up = await self._open_upstream()
         if up is None:
@@ -309,7 +320,11 @@ class FaultProxy:
                     await up_writer.drain()
 
             async def server_to_client() -> None:
+                first = True
                 while data := await up_reader.read(_CHUNK):
+                    if first and hold:
+                        await asyncio.sleep(hold)
+                    first = False
                     writer.write(data)
                     await writer.drain()
 

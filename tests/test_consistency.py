@@ -12,7 +12,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .harness import MakeMount, Mount, S3Server, queues_empty, wait_until
+import pytest
+
+from s3cachefs.namespace import LISTING_PAGE
+
+from .faultproxy import FaultProxy
+from .harness import MakeMount, Mount, S3Server, bucket_objects, queues_empty, wait_until
 from .test_reads import s3_calls
 
 if TYPE_CHECKING:
@@ -182,6 +187,24 @@ def test_a_small_cold_file_replaced_between_stat_and_read_is_never_read_cut(
     assert all(r in (errno.EIO, b"4444") for r in seen), seen
 
 
+def test_a_cold_file_replaced_by_a_shorter_one_between_stat_and_read_is_never_read_padded(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    """The kernel holds the old, longer size: a read answered with the new object's fewer bytes
+    came back to the reader padded with zeros to a page (4096 bytes for a 1-byte object)."""
+    key = "local_thumbnails/ab/cd/efgh/800-600-image-jpeg-crop"
+    s3.put_object(Bucket=bucket, Key=key, Body=os.urandom(42484))
+    m = make_mount(bucket=bucket)
+    assert wait_until(lambda: listed(m), NOTICE)
+    path = m.path / key
+    assert os.stat(path).st_size == 42484  # the kernel now holds the old size
+    s3.put_object(Bucket=bucket, Key=key, Body=b"1")
+
+    seen = reads_until(path, b"1")
+    assert all(r in (errno.EIO, b"1") for r in seen), [r if isinstance(r, int) else r[:8] for r in seen]
+    assert os.stat(path).st_size == 1
+
+
 def test_past_the_ttl_an_unreachable_s3_leaves_the_index_answering(
     make_mount: MakeMount, own_s3server: S3Server
 ) -> None:
@@ -324,3 +347,38 @@ def test_without_a_ttl_lookups_of_known_directories_ask_s3_nothing(
         assert os.path.isdir(m.path / d)
     after = s3_calls(m)
     assert (after.get("HEAD", 0), after.get("LIST", 0)) == (before.get("HEAD", 0), before.get("LIST", 0))
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "local_content/ab/cd/efghijklmnopqrstuvwx",
+        "local_thumbnails/ab/cd/efghijklmnopqrstuvwx/32-32-image-png-crop",
+    ],
+)
+def test_a_listing_page_asked_for_before_this_mounts_upload_does_not_bring_back_the_older_version(
+    make_mount: MakeMount, s3server: S3Server, s3: S3Client, bucket: str, rel: str
+) -> None:
+    """The full listing's page is what S3 held when it was asked for. A file uploaded through the
+    mount while that page was on its way (at a mount, the queue resumed after a crash sends its
+    thumbnails while the listing runs) must keep its new version: not the page's older size and
+    ETag, which made its next read fail (a GET with If-Match of the old ETag). The proxy holds every
+    answer to the full listing's LIST for HOLD seconds; the original's close() uploads it, the
+    thumbnail's upload is sent by the background uploader."""
+    hold = 5.0
+    old, new = os.urandom(100_000), os.urandom(60_000)
+    s3.put_object(Bucket=bucket, Key=rel, Body=old)
+    with FaultProxy(s3server.s3_port, seed=1) as proxy:
+        proxy.set_mode("late", only=f"max-keys={LISTING_PAGE}", delay=hold)
+        m = make_mount(bucket=bucket, extra_args=["--endpoint-url", proxy.endpoint_url])
+        path = m.path / rel
+        path.write_bytes(new)
+        assert wait_until(lambda: bucket_objects(s3, bucket).get(rel) == new, NOTICE)
+        assert proxy.counts().get("late", 0) >= 1 and not listed(m), (
+            f"the upload took longer than the listing's page was held ({hold}s): nothing was tested"
+        )
+        assert wait_until(lambda: listed(m), NOTICE)
+        assert path.stat().st_size == len(new)
+        assert read_or_errno(path) == new
+        assert "replaced behind our back" not in m.log_text(), m.log_tail()
+        m.unmount()

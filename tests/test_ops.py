@@ -390,3 +390,28 @@ def test_the_slow_steps_aid_logs_a_task_that_held_the_event_loop_and_where(
     assert "task blocker held the event loop" in slow[0] and "(blocks_the_loop)" in slow[0], slow[0]
     monkeypatch.setenv(slowsteps.ENV, "")
     assert slowsteps.from_env() == []
+
+
+def test_the_slow_steps_aid_logs_garbage_collections_in_worker_threads_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collection holds the GIL wherever it runs: one in a worker thread stalls the loop between
+    its steps, where no step shows it, so the aid times collections in every thread."""
+    import gc
+
+    import trio
+
+    from s3cachefs import slowsteps
+
+    monkeypatch.setenv(slowsteps.ENV, "0")  # every collection, however short
+    instruments = slowsteps.from_env()
+    callbacks = len(gc.callbacks)
+
+    async def main() -> None:
+        await trio.to_thread.run_sync(gc.collect)
+
+    with caplog.at_level("WARNING", logger="s3cachefs.slowsteps"):
+        trio.run(main, instruments=instruments)
+    collections = [r.getMessage() for r in caplog.records if "slow garbage collection" in r.getMessage()]
+    assert any("generation 2" in c and "MainThread" not in c for c in collections), collections
+    assert len(gc.callbacks) == callbacks  # taken out when the loop ends

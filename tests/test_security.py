@@ -120,7 +120,7 @@ def test_keys_other_servers_allow_are_hidden_by_the_listing(tmp_path: Path) -> N
     ns = Namespace(index, cache.s3, cache, "")
     dirs: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=100)
     for key in HOSTILE_KEYS:
-        ns._apply_listed(ObjectInfo(key, 1, '"e"', 0), 1, dirs)
+        ns._apply_listed(ObjectInfo(key, 1, '"e"', 0), 1, dirs, set())
     shown = {rel for _ino, rel in index.walk_files()}
     assert shown == {k for k in HOSTILE_KEYS if shown_as(k, set(HOSTILE_KEYS))}
     assert ns.skipped_keys == sum(

@@ -151,6 +151,9 @@ class Cache:
     def content_version(self, ino: int) -> int:
         return self.store.content_version(ino)
 
+    def replaced_outside_since(self, ino: int, version: int) -> bool:
+        return self.store.replaced_outside_since(ino, version)
+
     # -- reads --------------------------------------------------------------------------------------
 
     def open_cached(self, node: Node) -> int | None:

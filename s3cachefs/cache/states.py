@@ -121,6 +121,8 @@ def cached(
     store.verified[ino] = True
     store.cached_bytes += size
     store.cached_files += 1
+    if deletes_upto is not None:
+        store.s3_changed(ino)
 
 
 def local(store: Store, write: Write, ino: int, size: int, mtime_ns: int, md5: str) -> None:
@@ -180,6 +182,7 @@ def sent(store: Store, write: Write, ino: int, etag: str, deletes_upto: int) -> 
 
     write(change)
     store.queued_bytes -= node.size
+    store.s3_changed(ino)
 
 
 def writing(store: Store, ino: int) -> None:
@@ -276,8 +279,9 @@ def replaced(store: Store, ino: int, size: int, etag: str | None, mtime_ns: int,
         store.cached_bytes -= node.size
         store.cached_files -= 1
     store.unlink_data(ino)
-    store.content_replaced(ino)
+    store.content_replaced(ino, outside=True)
     store.index.set_object(ino, State.REMOTE, size, etag, mtime_ns, gen)
+    store.s3_changed(ino)
 
 
 def dropped(store: Store, write: Write, ino: int, also: Change | None = None) -> None:

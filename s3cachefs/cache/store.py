@@ -235,7 +235,14 @@ class Store:
         # reads as 0, which only makes an old handle reopen once more than it had to.
         self._versions: cachetools.LRUCache[int, int] = cachetools.LRUCache(maxsize=100_000)
         self._version_counter = 0
+        # The content version of each inode's last replacement behind our back (same bound).
+        self._outside: cachetools.LRUCache[int, int] = cachetools.LRUCache(maxsize=100_000)
         self._atimes: dict[int, int] = {}
+        # Files whose row took a newer S3 version from this mount (our PUT, a queued upload sent, a
+        # rename's copy, a refresh) since the full listing asked for the page it is applying: that
+        # page is older news for them. None while no full listing runs; emptied before each page is
+        # asked for, so it holds one page's round trip of changes (Namespace.full_listing).
+        self.changed_since_page: set[int] | None = None
         # Background tasks of the cache (downloads, pipelined uploads) run here, so they go on when
         # the request that started them is answered; set while Cache.run runs. Without it
         # (in-process use) a download is run by its first waiter.
@@ -294,9 +301,21 @@ class Store:
         an overwrite in place to its open readers too."""
         return self._versions.get(ino, 0)
 
-    def content_replaced(self, ino: int) -> None:
+    def content_replaced(self, ino: int, outside: bool = False) -> None:
+        """outside: by another writer of the bucket (the kernel was not told: it holds the old size)."""
         self._version_counter += 1
         self._versions[ino] = self._version_counter
+        if outside:
+            self._outside[ino] = self._version_counter
+
+    def replaced_outside_since(self, ino: int, version: int) -> bool:
+        """Was the file replaced behind our back after content version `version`?"""
+        return self._outside.get(ino, 0) > version
+
+    def s3_changed(self, ino: int) -> None:
+        """The row of `ino` now holds a version S3 got (or showed) after a listing page was asked for."""
+        if self.changed_since_page is not None:
+            self.changed_since_page.add(ino)
 
     # -- access times -------------------------------------------------------------------------------
 
