@@ -544,7 +544,7 @@ class Operations(pyfuse3.Operations):
             except OSError as e2:
                 self.cache.write_failed(h.writer, e2)
                 raise
-        self.cache.wrote(h.writer, off, n)
+        self.cache.wrote(h.writer, off, memoryview(buf)[:n])
         return n
 
     @_boundary

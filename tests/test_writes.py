@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .harness import MakeMount, Mount, wait_until
+import pytest
+
+from s3cachefs.config import S3Options
+from s3cachefs.s3 import SyncS3
+
+from .harness import TEST_REGION, MakeMount, Mount, S3Server, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -101,3 +108,70 @@ def test_a_pipelined_upload_records_the_md5_of_the_whole_file(make_mount: MakeMo
     m.start()
     assert (m.path / key).read_bytes() == data
     assert "damaged" not in m.log_text()
+
+
+def test_files_written_in_sequence_whole_or_in_part_are_recorded_with_the_md5_of_their_bytes(
+    make_mount: MakeMount, s3: S3Client
+) -> None:
+    # A sequential writer's bytes are hashed as they are written, for the PUT's Content-MD5 at
+    # close(); the file's other bytes (an in-place rewrite of the start of a file, a write that went
+    # back) are hashed at close(). S3 refuses a wrong Content-MD5, and the first read after a
+    # remount checks the cached copy against the recorded MD5 (a wrong one shows as "damaged").
+    m = make_mount()
+    d = m.path / "local_content/ab/cd"
+    os.makedirs(d)
+    new, rewritten, back = os.urandom(300_000), os.urandom(200_000), os.urandom(150_000)
+    with open(d / "new", "wb") as f:
+        for off in range(0, len(new), 64 * 1024):
+            f.write(new[off : off + 64 * 1024])
+    (d / "rewritten").write_bytes(rewritten)
+    head = os.urandom(70_000)
+    with open(d / "rewritten", "r+b") as f:  # no O_TRUNC: the rest of the file is the old bytes
+        f.write(head)
+    rewritten = head + rewritten[len(head) :]
+    with open(d / "back", "wb") as f:
+        f.write(back[:100_000])
+        f.seek(10)
+        f.write(back[10:20])
+        f.seek(100_000)
+        f.write(back[100_000:])
+    files = {"new": new, "rewritten": rewritten, "back": back}
+    for name, data in files.items():
+        obj = s3.get_object(Bucket=m.bucket, Key=f"local_content/ab/cd/{name}")
+        assert obj["Body"].read() == data
+        assert obj["ETag"].strip('"') == hashlib.md5(data).hexdigest()
+    m.unmount()
+    m.start()
+    for name, data in files.items():
+        assert (d / name).read_bytes() == data
+    assert "damaged" not in m.log_text()
+    assert "was not the file's" not in m.log_text()
+
+
+@pytest.mark.parametrize("size", [100_000, 9 * MiB], ids=["in-memory-body", "file-body"])
+def test_a_put_whose_md5_taken_as_written_is_wrong_is_made_again_with_the_whole_file_hashed(
+    s3server: S3Server, s3: S3Client, bucket: str, tmp_path: Path, size: int
+) -> None:
+    """A write out of sequence through another descriptor while a close()'s PUT reads the file can
+    make the MD5 of its first bytes, taken as they were written, wrong for the bytes sent: the PUT is
+    made again with the whole file hashed, and the object and the recorded MD5 are right."""
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    sync = SyncS3(
+        S3Options(
+            bucket=bucket,
+            endpoint_url=s3server.endpoint_url,
+            region_name=TEST_REGION,
+            access_key_id=s3server.access_key,
+            secret_access_key=s3server.secret_key,
+        )
+    )
+    key = "local_content/ab/cd/f"
+    for head in (hashlib.md5(os.urandom(1000)), hashlib.md5(data[:1000])):  # wrong, then right
+        info = sync.put_single(key, str(path), (head, 1000))
+        assert info.md5 == hashlib.md5(data).hexdigest()
+        obj = s3.get_object(Bucket=bucket, Key=key)
+        assert obj["Body"].read() == data
+        assert obj["ETag"].strip('"') == info.md5
+        s3.delete_object(Bucket=bucket, Key=key)

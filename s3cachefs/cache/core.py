@@ -186,8 +186,8 @@ class Cache:
     def drop_new_row(self, ino: int) -> None:
         self.writes.drop_new_row(ino)
 
-    def wrote(self, w: Writer, off: int, n: int) -> None:
-        self.writes.wrote(w, off, n)
+    def wrote(self, w: Writer, off: int, data: memoryview) -> None:
+        self.writes.wrote(w, off, data)
 
     def write_failed(self, w: Writer, e: OSError) -> None:
         self.writes.write_failed(w, e)

@@ -176,6 +176,13 @@ class Writer:
     seq_end: int = 0
     pipeline: Pipeline | None = None
     pipeline_off: bool = False
+    # MD5 of bytes [0, seq_end), taken from a sequential writer's buffers as they are written, for
+    # the Content-MD5 of the PUT at close() (write.Writes.wrote): close() then hashes nothing it has
+    # not seen written. None until the first write, and for good once a write is out of sequence,
+    # the file is truncated or a write failed, or for files whose uploads do not need it (local-only
+    # and async paths hash as they copy). A pipelined upload takes it over at its start.
+    md5: hashlib._Hash | None = None
+    hashing: bool = True
     # errno of a write() or truncate that failed (e.g. ENOSPC): the staging file is not what the
     # writer wrote, so it must never be uploaded; every later close() fails with this errno.
     failed: int | None = None

@@ -38,7 +38,7 @@ from .errors import (
     outcome_of,
     s3_answered,
 )
-from .sync import Part, SyncS3, info_of_head, make_client, md5_file, mtime_ns_of, parts_of
+from .sync import Head, Part, SyncS3, info_of_head, make_client, md5_file, mtime_ns_of, parts_of
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -333,17 +333,19 @@ class S3:
 
     # -- data ---------------------------------------------------------------------------------------
 
-    async def put_file(self, key: str, path: str) -> ObjectInfo:
+    async def put_file(self, key: str, path: str, head: Head | None = None) -> ObjectInfo:
         """Upload the file at `path` to `key`; returns once S3 holds the complete object.
 
-        Below the multipart threshold: one PUT with Content-MD5. Above: a multipart upload whose parts
-        each carry Content-MD5; any failure aborts it, so no partial object can ever become visible.
-        Either way the whole upload has one deadline, for the file's size (the abort after a failure
-        is outside it).
+        Below the multipart threshold: one PUT with Content-MD5 (`head`, if given: the MD5 of the
+        file's first bytes, taken as they were written, so that only the rest is hashed here; see
+        SyncS3.put_single). Above: a multipart upload whose parts each carry Content-MD5; any failure
+        aborts it, so no partial object can ever become visible. Either way the whole upload has one
+        deadline, for the file's size (the abort after a failure is outside it).
         """
         size = os.stat(path).st_size
         if not self.sync.is_multipart(size):
-            info = await self._run(f"PUT {key}", functools.partial(self.sync.put_single, key, path), size)
+            put = functools.partial(self.sync.put_single, key, path, head)
+            info = await self._run(f"PUT {key}", put, size)
             self.metrics.s3_sent_bytes.inc(info.size)
             return info
         return await self._put_multipart(key, path, size)

@@ -22,7 +22,7 @@ import botocore.session
 import botocore.utils
 
 from ..config import S3Options
-from .errors import NoSuchBucket, NotFound, ObjectInfo, S3Error, translate_error
+from .errors import IntegrityError, NoSuchBucket, NotFound, ObjectInfo, S3Error, translate_error
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -154,6 +154,10 @@ def make_client(opts: S3Options) -> S3Client:
     return client
 
 
+# The MD5 of a file's first n bytes and n (SyncS3.put_single).
+Head = tuple["hashlib._Hash", int]
+
+
 @dataclass(frozen=True)
 class Part:
     """One uploaded part of a multipart upload."""
@@ -246,8 +250,14 @@ class SyncS3:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def put_single(self, key: str, path: str) -> ObjectInfo:
-        """One PUT of the file at `path` with its Content-MD5 (for files below the multipart threshold)."""
+    def put_single(self, key: str, path: str, head: Head | None = None) -> ObjectInfo:
+        """One PUT of the file at `path` with its Content-MD5 (for files below the multipart threshold).
+
+        head: (MD5 of the file's first n bytes, n), hashed from the writer's buffers as they were
+        written (cache/write.py); only the bytes after them are hashed here. A write out of sequence
+        through another descriptor while this runs could make it wrong for the bytes read here: S3
+        then refuses the PUT (BadDigest), or, where the ETag is an MD5, answers another one; either
+        way the PUT is made again with the whole file hashed here."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= _IN_MEMORY_BODY:
@@ -256,28 +266,49 @@ class SyncS3:
                 # multipart part: one body per worker thread, at most _IN_MEMORY_BODY each.
                 data = f.read()
                 size = len(data)
-                md5 = hashlib.md5(data)
+                if head is not None and head[1] <= size:
+                    md5 = head[0]
+                    md5.update(memoryview(data)[head[1] :])
+                else:
+                    head, md5 = None, hashlib.md5(data)
                 body: bytes | BinaryIO = data
             else:
-                md5 = hashlib.md5()
-                size = 0
+                if head is not None and head[1] <= size:
+                    md5, size = head[0], head[1]
+                    f.seek(size)
+                else:
+                    head, md5, size = None, hashlib.md5(), 0
                 while chunk := f.read(_READ_CHUNK):
                     md5.update(chunk)
                     size += len(chunk)
                 f.seek(0)
                 body = f
             # botocore rewinds a seekable body before each retry, so retries resend the same bytes.
-            r = self.call(
-                f"PUT {key}",
-                self.client.put_object,
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                ContentLength=size,
-                ContentMD5=base64.b64encode(md5.digest()).decode(),
-                **self.extra_put_args(),
+            try:
+                r = self.call(
+                    f"PUT {key}",
+                    self.client.put_object,
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentLength=size,
+                    ContentMD5=base64.b64encode(md5.digest()).decode(),
+                    **self.extra_put_args(),
+                )
+                refused = False
+            except IntegrityError:
+                if head is None:
+                    raise
+                refused = True
+        etag = "" if refused else r.get("ETag", '"' + md5.hexdigest() + '"')
+        # Refused (BadDigest), or taken with another MD5 by a server that does not check it (the
+        # object holds the bytes sent, which the MD5 recorded would not match): once more, whole.
+        if head is not None and (refused or self.etag_is_md5_of(etag, md5.hexdigest()) is False):
+            log.warning(
+                "PUT %s: the MD5 taken as the file was written was not its bytes'; hashing it whole", key
             )
-        return ObjectInfo(key, size, r.get("ETag", '"' + md5.hexdigest() + '"'), 0, md5.hexdigest())
+            return self.put_single(key, path)
+        return ObjectInfo(key, size, etag, 0, md5.hexdigest())
 
     def create_multipart(self, key: str) -> str:
         """Start a multipart upload of `key`; returns its upload id. Until complete_multipart() the
