@@ -260,24 +260,20 @@ class SyncS3:
         way the PUT is made again with the whole file hashed here."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
+            if head is not None and head[1] > size:
+                head = None  # truncated since (a truncate stops the hashing, but not a copy taken)
+            md5, hashed = head if head is not None else (hashlib.md5(), 0)
             if size <= _IN_MEMORY_BODY:
                 # One read, one hash, one sendall: a file body would go out in http.client's 8 KiB
                 # read+send steps (a third of a small close()'s CPU). Memory stays bounded as for a
                 # multipart part: one body per worker thread, at most _IN_MEMORY_BODY each.
                 data = f.read()
                 size = len(data)
-                if head is not None and head[1] <= size:
-                    md5 = head[0]
-                    md5.update(memoryview(data)[head[1] :])
-                else:
-                    head, md5 = None, hashlib.md5(data)
+                md5.update(memoryview(data)[hashed:])
                 body: bytes | BinaryIO = data
             else:
-                if head is not None and head[1] <= size:
-                    md5, size = head[0], head[1]
-                    f.seek(size)
-                else:
-                    head, md5, size = None, hashlib.md5(), 0
+                size = hashed
+                f.seek(hashed)
                 while chunk := f.read(_READ_CHUNK):
                     md5.update(chunk)
                     size += len(chunk)
