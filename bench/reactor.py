@@ -1,13 +1,17 @@
 """What a homeserver admin sees: Synapse's reactor under media uploads, with S3 RTT ms away (issue
 "responsiveness", part 6).
 
-Three media stores, each behind its own real Synapse (tests/synapse_harness.py: SQLite, loopback), all
+Four media stores, each behind its own real Synapse (tests/synapse_harness.py: SQLite, loopback), all
 measured in the same run against one private SeaweedFS (tests/harness.py S3Server) reached through a
 latency-injecting proxy on loopback (LatencyProxy below):
 
   local      media_store_path is a plain directory (no S3 at all: the floor)
   provider   the same, plus synapse-s3-storage-provider with store_local, store_remote and
              store_synchronous true (the upload request returns once the object is in S3)
+  floor      media_store_path is bench/pyfuse3_s3_floor.py: the thinnest write-through S3 filesystem
+             in pyfuse3 + trio + boto3 (one PUT in close(), one GET in open(), no disk, no index, no
+             checks; its own bucket, listed once at mount). Not a contender: what any filesystem in
+             this stack pays through Synapse, measured in the same run (the floor under s3cachefs)
   s3cachefs  media_store_path is an s3cachefs mount of this checkout (synchronous write-through)
 
 For every RTT (--rtt, milliseconds), every round and every store:
@@ -30,7 +34,8 @@ The proxy waits RTT/2 before it forwards the first chunk after an idle gap of mo
 direction, so each request/response exchange costs one RTT and a streaming body is not slowed; it also
 counts those waits, which shows how many S3 exchanges each store makes per upload.
 
-Output: one markdown table per RTT (metric x store, with the ratio s3cachefs / provider), printed and
+Output: one markdown table per RTT (metric x store, with the ratios s3cachefs / provider and floor /
+provider), printed and
 written to --output. Figures are medians over rounds (probe percentiles over all the probe's samples).
 
     python -m bench.reactor [--rtt 0,30,100] [--quick] [--rounds 2] [--images 30] [--output FILE]
@@ -80,7 +85,7 @@ from tests.harness import (
 )
 from tests.synapse_harness import MatrixClient, SynapseServer
 
-STORES = ("local", "provider", "s3cachefs")
+STORES = ("local", "provider", "floor", "s3cachefs")
 PROBE_PATH = "/_matrix/client/versions"
 MIB = 1024 * 1024
 LARGE_UPLOAD = 8 * MIB  # uploaded during the probed phase
@@ -353,6 +358,20 @@ class ProxiedMount(Mount):
         return len(re.findall(r"\blisted \d+ objects in ", self.log_text()))
 
 
+class FloorMount(ProxiedMount):
+    """bench/pyfuse3_s3_floor.py on the mount point instead of s3cachefs, through the same proxy. It
+    lists its bucket before it mounts, so a mount that is up has finished its listing."""
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "bench.pyfuse3_s3_floor",
+            self.bucket, str(self.path), self.endpoint_url, TEST_REGION,
+        ]  # fmt: skip
+
+    def listings_done(self) -> int:
+        return len(re.findall(r"^listed \d+ objects$", self.log_text(), re.MULTILINE))
+
+
 @dataclass
 class Store:
     name: str
@@ -386,6 +405,9 @@ def make_stores(base: Path, s3: S3Server, proxy: LatencyProxy) -> list[Store]:
         "secret_access_key": s3.secret_key,
     }
     stores.append(Store("provider", ProviderSynapse(base / "provider" / "synapse", prov_dir, provider_cfg)))
+
+    floor = FloorMount(s3, s3.new_bucket(), base / "floor", proxy.endpoint_url)
+    stores.append(Store("floor", SynapseServer(base / "floor" / "synapse", floor.path), floor))
 
     mount = ProxiedMount(s3, s3.new_bucket(), base / "s3cachefs", proxy.endpoint_url)
     stores.append(Store("s3cachefs", SynapseServer(base / "s3cachefs" / "synapse", mount.path), mount))
@@ -441,6 +463,7 @@ def make_cold(store: Store, page_cache: PageCache) -> None:
     if store.name == "provider":
         for sub in ("local_content", "local_thumbnails"):
             shutil.rmtree(store.media_dir / sub, ignore_errors=True)
+    # floor: nothing to do; it keeps no copy and GETs the object at every open()
     elif store.name == "s3cachefs":
         mount = store.mount
         assert mount is not None
@@ -691,18 +714,21 @@ def ratio(a: float, b: float) -> str:
 
 
 def table(rtt_ms: int, results: dict[str, list[Phase]]) -> str:
+    # The floor's column and its ratio only when it ran (tables of runs before it existed stay alike).
+    stores = [s for s in STORES if s != "floor" or results.get(s)]
+    ratios = [("s3cachefs", "provider")] + ([("floor", "provider")] if "floor" in stores else [])
     lines = [
         f"### RTT {rtt_ms} ms",
         "",
-        "| metric | local | provider | s3cachefs | s3cachefs / provider |",
-        "|---|---:|---:|---:|---:|",
+        "| metric | " + " | ".join(stores) + " | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |",
+        "|---|" + "---:|" * (len(stores) + len(ratios)),
     ]
     for row in ROWS:
-        vals = {s: row.of(results[s]) if results.get(s) else float("nan") for s in STORES}
+        vals = {s: row.of(results[s]) if results.get(s) else float("nan") for s in stores}
         unit = f" ({row.unit})" if row.unit else ""
-        cells = " | ".join(fmt(vals[s], row.unit) for s in STORES)
-        r = ratio(vals["s3cachefs"], vals["provider"]) if row.compare else ""
-        lines.append(f"| {row.label}{unit} | {cells} | {r} |")
+        cells = " | ".join(fmt(vals[s], row.unit) for s in stores)
+        rs = " | ".join(ratio(vals[a], vals[b]) if row.compare else "" for a, b in ratios)
+        lines.append(f"| {row.label}{unit} | {cells} | {rs} |")
     errors = {s: sum(p.probe_errors for p in results.get(s, [])) for s in STORES}
     if any(errors.values()):
         lines += ["", f"Probe errors (not counted as samples): {errors}"]
@@ -730,7 +756,8 @@ def header(args: argparse.Namespace, page_cache: PageCache, weed_version: str) -
     mode = "QUICK run (fewer uploads, one round): indicative only" if args.quick else "full run"
     return "\n".join(
         [
-            "# Synapse reactor latency: local disk vs synapse-s3-storage-provider vs s3cachefs",
+            "# Synapse reactor latency: local disk vs synapse-s3-storage-provider vs s3cachefs"
+            + (" (and the pyfuse3 S3 floor)" if "floor" in args.stores else ""),
             "",
             f"- {mode}; generated by `python -m bench.reactor {' '.join(sys.argv[1:])}` on "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -749,7 +776,8 @@ def header(args: argparse.Namespace, page_cache: PageCache, weed_version: str) -
             f'over all samples. "corrected": with the requests the probe could not send while it '
             f"waited for a slow answer added back (coordinated omission; see bench/README.md).",
             "- cold: s3cachefs cache wiped and remounted (listing finished before timing); provider: "
-            "local media files deleted; local: as is"
+            "local media files deleted; floor (bench/pyfuse3_s3_floor.py, not a contender): nothing to do, "
+            "it GETs the object at every open(); local: as is"
             + (
                 "; kernel page cache dropped for every store"
                 if page_cache.enabled
@@ -793,7 +821,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--cold-images", type=int, default=None, help="images per cold round (default 3; quick 2)"
     )
-    ap.add_argument("--only", default=",".join(STORES), help="stores to measure (default all three)")
+    ap.add_argument("--only", default=",".join(STORES), help="stores to measure (default all four)")
     ap.add_argument("--output", default="bench/reactor-results.md", help="markdown file ('' for none)")
     ap.add_argument("--no-drop-caches", action="store_true", help="do not drop the page cache for cold reads")
     ap.add_argument("--workdir", default=None, help="parent of the run's directory (default: system temp)")

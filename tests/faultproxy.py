@@ -17,6 +17,9 @@ Modes, applied per request:
   blackhole  read and discard whatever arrives and never answer: a hung server
   late       forward to the server at once, and relay its answer `delay` seconds later: the server
              acted on the request long before the client hears of it (a LIST page that is old news)
+  garble     forward to the server, and relay its answer with the last byte of a 200's body flipped
+             (headers, length and ETag untouched): bytes damaged on the way, which only a checksum
+             shows. The answer is held until the server has sent all of it (bounded by max_answer)
 With probability p < 1, each request gets the fault with probability p (seeded RNG: reproducible
 for a given sequence of requests) and is passed through otherwise.
 
@@ -47,7 +50,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 LOOPBACK = "127.0.0.1"
-MODES = ("pass", "http_500", "http_503", "drop", "reset_mid", "blackhole", "late")
+MODES = ("pass", "http_500", "http_503", "drop", "reset_mid", "blackhole", "late", "garble")
 _ERRORS = {
     "http_500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
     "http_503": (503, "Service Unavailable", "SlowDown", "Please reduce your request rate."),
@@ -125,9 +128,11 @@ class FaultProxy:
         seed: int = 0,
         max_connection_s: float = 120.0,
         upstream_connect_s: float = 5.0,
+        max_answer: int = 64 * 1024 * 1024,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.max_connection_s = max_connection_s
+        self.max_answer = max_answer  # mode "garble" holds a whole answer in memory
         self.upstream_connect_s = upstream_connect_s
         self._lock = threading.Lock()
         self._mode = "pass"
@@ -281,6 +286,8 @@ class FaultProxy:
                     with self._lock:
                         delay = self._delay
                     await self._forward(req, reader, writer, hold=delay)
+                elif mode == "garble":
+                    await self._forward(req, reader, writer, garble=True)
                 elif mode in _ERRORS:
                     await self._answer_error(mode, req, reader, writer)
                 elif mode == "drop" or (mode == "reset_mid" and (req.content_length == 0 or req.chunked)):
@@ -303,7 +310,12 @@ class FaultProxy:
             return None
 
     async def _forward(
-        self, req: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float = 0.0
+        self,
+        req: _Request,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        hold: float = 0.0,
+        garble: bool = False,
     ) -> None:
         up = await self._open_upstream()
         if up is None:
@@ -320,6 +332,19 @@ class FaultProxy:
                     await up_writer.drain()
 
             async def server_to_client() -> None:
+                if garble:
+                    # The server closes after its answer (Connection: close): all of it is here.
+                    answer = bytearray()
+                    while data := await up_reader.read(_CHUNK):
+                        answer += data
+                        if len(answer) > self.max_answer:
+                            raise ConnectionError("garble: answer over max_answer")
+                    body_at = answer.find(b"\r\n\r\n") + 4
+                    if answer.startswith(b"HTTP/1.1 200") and 4 <= body_at < len(answer):
+                        answer[-1] ^= 0xFF
+                    writer.write(bytes(answer))
+                    await writer.drain()
+                    return
                 first = True
                 while data := await up_reader.read(_CHUNK):
                     if first and hold:

@@ -274,16 +274,23 @@ def test_a_large_object_deleted_behind_the_mount_mid_download_fails_the_read_wit
     assert "Traceback" not in log, log
 
 
+def _listed_mount_through(proxy: FaultProxy, make_mount: MakeMount, bucket: str, max_attempts: int) -> Mount:
+    """A mount of `bucket` whose S3 traffic goes through `proxy`, its first listing done."""
+    m = make_mount(
+        bucket=bucket,
+        extra_args=["--endpoint-url", proxy.endpoint_url, "--max-attempts", str(max_attempts)],
+    )
+    assert wait_until(lambda: listed(m), 15)
+    return m
+
+
 def test_a_cold_read_retries_server_errors_and_answers_eio_only_once_they_run_out(
     make_mount: MakeMount, s3server: S3Server, s3: S3Client, bucket: str
 ) -> None:
     data = os.urandom(300_000)
     s3.put_object(Bucket=bucket, Key="local_content/ab/cd/x", Body=data)
     with FaultProxy(s3server.s3_port, seed=1) as proxy:
-        m = make_mount(
-            bucket=bucket, extra_args=["--endpoint-url", proxy.endpoint_url, "--max-attempts", "3"]
-        )
-        assert wait_until(lambda: listed(m), 15)
+        m = _listed_mount_through(proxy, make_mount, bucket, max_attempts=3)
         path = m.path / "local_content/ab/cd/x"
         with proxy.fault("http_503"):
             with pytest.raises(OSError) as failed:
@@ -295,6 +302,33 @@ def test_a_cold_read_retries_server_errors_and_answers_eio_only_once_they_run_ou
             assert path.read_bytes() == data
         assert proxy.counts().get("http_500:GET") == 1
         assert (m.path / "local_content/ab/cd/x").read_bytes() == data
+        m.unmount()
+
+
+def test_a_cold_read_whose_bytes_do_not_match_the_etag_never_reaches_the_end_of_the_file(
+    make_mount: MakeMount, s3server: S3Server, s3: S3Client, bucket: str
+) -> None:
+    """A cold file's first bytes go to its readers as they arrive, before the whole object can be
+    checked; the end of the file waits for the MD5 check, so a reader of a damaged object gets EIO
+    before it has all of it (Synapse then cuts its answer rather than serve a whole wrong file), and
+    nothing damaged is cached."""
+    data = os.urandom(300_000)
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/x", Body=data)
+    with FaultProxy(s3server.s3_port, seed=1) as proxy:
+        m = _listed_mount_through(proxy, make_mount, bucket, max_attempts=2)
+        path = m.path / "local_content/ab/cd/x"
+        got = bytearray()
+        with proxy.fault("garble", only="GET "), open(path, "rb", buffering=0) as f:
+            with pytest.raises(OSError) as failed:
+                while chunk := f.read(16384):
+                    got += chunk
+            assert failed.value.errno == errno.EIO
+        assert proxy.counts().get("garble:GET", 0) >= 1
+        assert len(got) < len(data), "the reader got to the end of a damaged file"
+        assert bytes(got) == data[: len(got)], "the bytes before the damage are the object's"
+        assert "does not match ETag" in m.log_text()
+        # S3 answers right again: the file reads whole, from a fresh download.
+        assert path.read_bytes() == data
         m.unmount()
 
 

@@ -280,7 +280,12 @@ class Downloads:
             if self.s3.etag_is_md5_of(r.etag, md5) is False:
                 raise IntegrityError(f"GET {key}: MD5 {md5} does not match ETag {r.etag}")
             # The bytes are in and checked, and the readers waiting for them are runnable: let them
-            # answer the kernel before the rename and the index commit below (0.15 ms per cold file).
+            # answer the kernel before the rename and the index commit below (0.7 ms per cold file
+            # here). Twice: the readers woken by the last progress report (in this task's step) are
+            # in the batch of runnable tasks that the first checkpoint puts this task in, and trio
+            # runs a batch in either order (trio/_core/_run.py reverses it half of the time); the
+            # second puts this task in the batch after theirs.
+            await trio.lowlevel.checkpoint()
             await trio.lowlevel.checkpoint()
             # No fsync: a copy that a crash leaves torn or empty is caught by its length or, on its
             # first read after the next mount, by the MD5 recorded below (Downloads.verify).

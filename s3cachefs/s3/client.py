@@ -439,8 +439,6 @@ class S3:
             while chunk := body.read(_FIRST_CHUNK if got < 2 * _FIRST_CHUNK else _STREAM_CHUNK):
                 if gone:
                     raise Unavailable(f"GET {key}: abandoned at its deadline")
-                if md5 is not None:
-                    md5.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     try:
@@ -450,14 +448,27 @@ class S3:
                     view = view[n:]
                     got += n
                 if got < length:
-                    # Queued, not awaited: run_sync_soon keeps the order, and the thread's result
-                    # is delivered after every call queued before it. The last chunk needs none.
+                    # Readers first, then the hash (hashing first made them wait 0.3-0.4 ms per
+                    # chunk). Queued, not awaited: run_sync_soon keeps the order, and the thread's
+                    # result is delivered after every call queued before it. The last chunk waits
+                    # for the check below, so that no reader gets to the end of a file whose bytes
+                    # do not match its ETag.
                     token.run_sync_soon(report, got)
+                if md5 is not None:
+                    md5.update(chunk)
             if got != length:
                 raise IntegrityError(f"GET {key}: got {got} bytes, S3 said {length}")
-            return RangeResult(
-                total, r.get("ETag", ""), mtime_ns_of(dict(r)), md5.hexdigest() if md5 else None
-            )
+            etag = r.get("ETag", "")
+            digest = md5.hexdigest() if md5 is not None else None
+            if digest is not None:
+                # A whole object: checked here, in the thread, so that the readers of its end are
+                # woken now rather than once this result has made its way back to the event loop
+                # and through the download's own checks (1 ms for a cold image here). The
+                # download checks it again (and a ranged GET is checked there only).
+                if self.etag_is_md5_of(etag, digest) is False:
+                    raise IntegrityError(f"GET {key}: MD5 {digest} does not match ETag {etag}")
+                token.run_sync_soon(report, got)
+            return RangeResult(total, etag, mtime_ns_of(dict(r)), digest)
 
         try:
             return await self._run(f"GET {key}", fn, deadline=dl)
