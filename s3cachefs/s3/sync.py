@@ -23,6 +23,7 @@ import botocore.utils
 
 from ..config import S3Options
 from .errors import IntegrityError, NoSuchBucket, NotFound, ObjectInfo, S3Error, translate_error
+from .listparse import ParserFactory
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -136,7 +137,10 @@ def make_client(opts: S3Options) -> S3Client:
     # botocore parses every timestamp of a response with dateutil, ~100-130 us each here: a LIST
     # page of 1,000 keys spent 0.1 s of CPU on LastModified alone (a million objects: two minutes),
     # in a worker thread holding the GIL that the event loop needs. S3 writes them in ISO 8601.
-    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
+    # LIST pages are read with ElementTree rather than botocore's shape walk (listparse.py).
+    parsers = ParserFactory()
+    parsers.set_parser_defaults(timestamp_parser=parse_timestamp)
+    core.register_component("response_parser_factory", parsers)
     session = boto3.session.Session(
         aws_access_key_id=opts.access_key_id,
         aws_secret_access_key=opts.secret_access_key,
