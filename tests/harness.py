@@ -28,11 +28,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import boto3
 import botocore.config
 import botocore.exceptions
+
+from s3cachefs.config import S3Options
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -279,6 +281,17 @@ class S3Server:
             aws_secret_access_key=self.secret_key,
             region_name=TEST_REGION,
             config=_client_config(),
+        )
+
+    def options(self, bucket: str, **kwargs: Any) -> S3Options:
+        """The mount's S3 options for `bucket` on this server; S3Options's defaults for the rest."""
+        return S3Options(
+            bucket=bucket,
+            endpoint_url=self.endpoint_url,
+            region_name=TEST_REGION,
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
+            **kwargs,
         )
 
     def new_bucket(self) -> str:

@@ -37,14 +37,7 @@ RECOVERY = 30.0
 def options(server: S3Server, bucket: str, deadline: float = DEADLINE) -> S3Options:
     # Default timeouts and attempts: without the deadline, a call to the paused server would wait
     # for four 30 s read timeouts.
-    return S3Options(
-        bucket=bucket,
-        endpoint_url=server.endpoint_url,
-        region_name=TEST_REGION,
-        access_key_id=server.access_key,
-        secret_access_key=server.secret_key,
-        deadline=deadline,
-    )
+    return server.options(bucket, deadline=deadline)
 
 
 def small_file(tmp_path: Path, name: str = "f") -> str:

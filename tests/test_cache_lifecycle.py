@@ -158,13 +158,7 @@ def in_process_cache(s3server: S3Server, bucket: str, root: Path, clock: Callabl
     """The Cache as mount.py builds it, without the mount: 10 MiB cap, 30-day age limit."""
     limiter = trio.CapacityLimiter(4)
     s3 = S3(
-        S3Options(
-            bucket=bucket,
-            endpoint_url=s3server.endpoint_url,
-            region_name="us-east-1",
-            access_key_id=s3server.access_key,
-            secret_access_key=s3server.secret_key,
-        ),
+        s3server.options(bucket),
         limiter,
     )
     index = Index(root / "index.sqlite")

@@ -9,7 +9,6 @@ import botocore.handlers
 import botocore.parsers
 import botocore.session
 
-from s3cachefs.config import S3Options
 from s3cachefs.s3 import make_client
 from s3cachefs.s3.listparse import ListParser, parse_list_page
 from s3cachefs.s3.sync import parse_timestamp
@@ -115,15 +114,7 @@ def test_the_mounts_client_lists_every_key_as_a_plain_boto3_client_does(
     s3server: S3Server, s3: S3Client, bucket: str
 ) -> None:
     _put_keys(s3, bucket)
-    ours = make_client(
-        S3Options(
-            bucket=bucket,
-            endpoint_url=s3server.endpoint_url,
-            region_name="us-east-1",
-            access_key_id=s3server.access_key,
-            secret_access_key=s3server.secret_key,
-        )
-    )
+    ours = make_client(s3server.options(bucket))
     for params in ({}, {"Delimiter": "/", "Prefix": "local_content/ab/"}):
         mine = _all_pages(ours, bucket, params)
         assert mine == _all_pages(s3, bucket, params), params

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from s3cachefs.config import S3Options
 from s3cachefs.s3 import SyncS3
 
-from .harness import TEST_REGION, MakeMount, Mount, S3Server, wait_until
+from .harness import MakeMount, Mount, S3Server, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -158,15 +157,7 @@ def test_a_put_whose_md5_taken_as_written_is_wrong_is_made_again_with_the_whole_
     data = os.urandom(size)
     path = tmp_path / "f"
     path.write_bytes(data)
-    sync = SyncS3(
-        S3Options(
-            bucket=bucket,
-            endpoint_url=s3server.endpoint_url,
-            region_name=TEST_REGION,
-            access_key_id=s3server.access_key,
-            secret_access_key=s3server.secret_key,
-        )
-    )
+    sync = SyncS3(s3server.options(bucket))
     key = "local_content/ab/cd/f"
     for head in (hashlib.md5(os.urandom(1000)), hashlib.md5(data[:1000])):  # wrong, then right
         info = sync.put_single(key, str(path), (head, 1000))
