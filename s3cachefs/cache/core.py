@@ -262,6 +262,12 @@ class Cache:
         """A DELETE of this key is queued: the name is gone, whatever S3 still lists."""
         return self.index.delete_pending(relpath)
 
+    def deleted_since(self, relpath: str, asked: float) -> bool:
+        """The queued DELETE of this key was done at or after `asked` (time.monotonic()): a LIST
+        page asked for then may be older news and still name the key."""
+        done = self.store.deletes_done.get(relpath)
+        return done is not None and done >= asked
+
     @contextlib.asynccontextmanager
     async def changing(self, *relpaths: str) -> AsyncIterator[int]:
         """Hold the keys for S3 changes made outside the cache (a rename's copy and delete), in a

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 
 import cachetools
@@ -245,4 +246,5 @@ class Queue:
                 return  # a PUT of the key since then made it moot
             await self.s3.delete(self.store.prefix + entry)
             self.space.index_write(lambda: self.index.delete_done(delete_id))
+            self.store.deletes_done[entry] = time.monotonic()
             self.store.stats["queued_deletes_done"] += 1

@@ -250,6 +250,11 @@ class Store:
         # page is older news for them. None while no full listing runs; emptied before each page is
         # asked for, so it holds one page's round trip of changes (Namespace.full_listing).
         self.changed_since_page: set[int] | None = None
+        # Keys whose queued DELETE was done, and when (time.monotonic()): a LIST page asked for
+        # before that time may still name them (Cache.deleted_since). A minute is far longer than
+        # any one page's round trip; bounded, and a key that falls out early can only come back
+        # as an empty directory or a file whose GET says it is gone.
+        self.deletes_done: cachetools.TTLCache[str, float] = cachetools.TTLCache(maxsize=10_000, ttl=60)
         # Background tasks of the cache (downloads, pipelined uploads) run here, so they go on when
         # the request that started them is answered; set while Cache.run runs. Without it
         # (in-process use) a download is run by its first waiter.
