@@ -35,8 +35,7 @@ direction, so each request/response exchange costs one RTT and a streaming body 
 counts those waits, which shows how many S3 exchanges each store makes per upload.
 
 Output: one markdown table per RTT (metric x store, with the ratios s3cachefs / provider and floor /
-provider), printed and
-written to --output. Figures are medians over rounds (probe percentiles over all the probe's samples).
+provider), printed and written to --output. Figures are medians over rounds (probe percentiles over all the probe's samples).
 
     python -m bench.reactor [--rtt 0,30,100] [--quick] [--rounds 2] [--images 30] [--output FILE]
 

@@ -49,7 +49,8 @@ NEGATIVE_TTL = 5.0
 LISTING_BATCH = 50
 # Keys per LIST page of the background listing. A page is parsed in a worker thread that competes
 # with the event loop for the interpreter lock: ElementTree's parse of one (s3/listparse.py) holds it
-# without a break, so pages stay small (about 2 ms for 200 keys; botocore's own parse took 6-7 ms of Python here).
+# without a break, so pages stay small (about 2 ms for 200 keys; botocore's own parse took 6-7 ms of
+# Python here).
 LISTING_PAGE = 200
 # Inode numbers per step of the end of the listing: at a million objects a slice of 20,000 held the
 # event loop 60-75 ms (bench.listing_stall: the only probes over 50 ms of a quiet run).
