@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 import boto3
 import botocore.config
 
-from bench.report import append_report, header, interrupt_on_signals, log
+from bench.report import append_report, header, interrupt_on_signals, log, steal_seconds
 from bench.workdir import run_dir
 from tests.harness import TEST_REGION, HarnessError, Mount, S3Server
 
@@ -204,8 +204,11 @@ def put_objects(s3: S3Server, bucket: str, n: int, threads: int, max_seconds: fl
 class Probes:
     times: list[float] = field(default_factory=list)  # seconds each
     control: list[float] = field(default_factory=list)  # the same machine's stat() of a local file
-    slow: list[tuple[float, float, str]] = field(default_factory=list)  # (offset, seconds, slowest part)
+    steal: list[float] = field(default_factory=list)  # the VM's steal time during each probe
+    slow: list[tuple[float, float, str, float]] = field(default_factory=list)  # (offset, s, part, steal)
     errors: list[str] = field(default_factory=list)
+    steal_total: float = 0.0  # over the whole run, both CPUs
+    wall: float = 0.0
 
 
 class Prober:
@@ -252,10 +255,12 @@ class Prober:
         """Probe every PROBE_PERIOD until `until` is set, for at most `seconds`."""
         out = Probes()
         deadline = time.monotonic() + seconds
-        next_at = time.monotonic()
+        next_at = began = time.monotonic()
+        stolen = steal_seconds()
         while (until is None or not until.is_set()) and time.monotonic() < deadline:
             out.control.append(self.local())
             start = time.monotonic()
+            steal0 = steal_seconds()
             try:
                 took, part = self.once()
             except OSError as e:
@@ -263,11 +268,15 @@ class Prober:
                 if len(out.errors) > 100:
                     raise HarnessError(f"probe failing: {out.errors[-3:]}") from e
                 took, part = time.monotonic() - start, "error"
+            steal = steal_seconds() - steal0
             out.times.append(took)
+            out.steal.append(steal)
             if took > SLOW_PROBE:
-                out.slow.append((start - origin, took, part))
+                out.slow.append((start - origin, took, part, steal))
             next_at = max(next_at + PROBE_PERIOD, time.monotonic())
             time.sleep(max(0.0, next_at - time.monotonic()))
+        out.steal_total = steal_seconds() - stolen
+        out.wall = time.monotonic() - began
         return out
 
 
@@ -337,6 +346,21 @@ class Watcher(threading.Thread):
 # ---------------------------------------------------------------------------------------------------
 
 
+def renice_threads(pid: int, nice: int) -> tuple[int, int]:
+    """Set the nice value of every thread of process `pid` (nice is per thread on Linux; threads made
+    later inherit it from the thread that makes them). Returns (threads seen, threads that already had
+    it)."""
+    seen = already = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            seen += 1
+            if os.getpriority(os.PRIO_PROCESS, int(tid)) == nice:
+                already += 1
+            else:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    return seen, already
+
+
 def ms(x: float) -> str:
     return f"{x * 1000:.1f}"
 
@@ -349,6 +373,30 @@ def probe_row(name: str, p: Probes, seconds: float) -> str:
         f"{ms(max(t, default=float('nan')))} | {len(p.slow)} | {len(p.errors)} | "
         f"{ms(pct(c, 0.99))} / {ms(max(c, default=float('nan')))} / {sum(x > SLOW_PROBE for x in c)} |"
     )
+
+
+def steal_lines(p: Probes) -> list[str]:
+    """How the slow probes line up with the VM's steal time (10 ms resolution)."""
+    if not p.times:
+        return []
+    cpus = os.cpu_count() or 1
+    stolen = [st >= 0.010 for st in p.steal]
+    slow = [t > SLOW_PROBE for t in p.times]
+    n_st = sum(stolen)
+    slow_st = sum(a and b for a, b in zip(stolen, slow, strict=True))
+    slow_no = sum(b and not a for a, b in zip(stolen, slow, strict=True))
+    n_no = len(p.times) - n_st
+
+    def share(k: int, n: int) -> str:
+        return f"{k} of {n} ({100 * k / n:.1f} %)" if n else f"{k} of 0"
+
+    return [
+        f"Steal time (/proc/stat: the hypervisor running something else on this VM's CPUs) during "
+        f"the listing: {p.steal_total:.1f} s, {100 * p.steal_total / (p.wall * cpus):.1f} % of the "
+        f"{cpus} CPUs' time. Probes during which 10 ms or more was stolen: {share(n_st, len(p.times))}; "
+        f"over 50 ms among them: {share(slow_st, n_st)}; among the others: {share(slow_no, n_no)}.",
+        "",
+    ]
 
 
 def report(
@@ -395,8 +443,14 @@ def report(
             f"Probes over {SLOW_PROBE * 1000:.0f} ms during the listing ({len(during.slow)}; the worst "
             f"{len(worst)}: seconds after the mount appeared, ms, slowest part of the probe):"
         )
-        lines.append(", ".join(f"{o:.1f}s {t * 1000:.0f} ms ({part})" for o, t, part in sorted(worst)))
+        lines.append(
+            ", ".join(
+                f"{o:.1f}s {t * 1000:.0f} ms ({part}{f', steal {st * 1000:.0f} ms' if st else ''})"
+                for o, t, part, st in sorted(worst)
+            )
+        )
         lines.append("")
+    lines += steal_lines(during)
     for name, p in (("during", during), ("after", after)):
         if p.errors:
             lines.append(f"Probe errors {name} the listing: {'; '.join(p.errors[:5])}")
@@ -435,8 +489,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a directory kept across runs for the server's data: the first run puts the objects there "
         "(and records them in put.json), later runs with the same --objects reuse them and only measure",
     )
+    ap.add_argument(
+        "--server-nice",
+        type=int,
+        default=None,
+        help="nice value for every thread of the SeaweedFS server (e.g. 19): S3 runs on another machine "
+        "in production, here it shares the two cores with the daemon and the probe",
+    )
     ap.add_argument("--output", default="bench/listing-stall-results.md", help="markdown file ('' for none)")
     args = ap.parse_args(argv)
+    if args.server_nice is not None and not 0 <= args.server_nice <= 19:
+        ap.error("--server-nice must be 0..19")
     if not 1 <= args.objects <= 10_000_000:
         ap.error("--objects must be 1..10,000,000")
     if not 1 <= args.threads <= 256:
@@ -463,6 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         s3 = S3Server(data)
         stack.callback(s3.stop)  # registered before start: a half-started server is stopped too
         s3.start()
+        if args.server_nice is not None:
+            assert s3.proc is not None
+            seen, _ = renice_threads(s3.proc.pid, args.server_nice)
+            log(f"SeaweedFS: its {seen} threads set to nice {args.server_nice}")
         record = data / "put.json"
         earlier = json.loads(record.read_text()) if record.exists() else None
         if earlier is not None and earlier["wanted"] == args.objects:
@@ -514,6 +581,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         after_seconds = time.monotonic() - t
         watcher.stop.set()
         watcher.join(10)
+        if args.server_nice is not None:
+            assert s3.proc is not None
+            seen, already = renice_threads(s3.proc.pid, args.server_nice)  # made since: inherited?
+            notes.append(
+                f"SeaweedFS run at nice {args.server_nice} (--server-nice): after the listing {already} "
+                f"of its {seen} threads had that value"
+            )
         m = LISTED_RE.search(watcher.listed_line)
         if m and int(m.group(1)) < put.done:
             notes.append(f"the listing saw {m.group(1)} objects, fewer than the {put.done} put")

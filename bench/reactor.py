@@ -1,7 +1,7 @@
 """What a homeserver admin sees: Synapse's reactor under media uploads, with S3 RTT ms away (issue
 "responsiveness", part 6).
 
-Four media stores, each behind its own real Synapse (tests/synapse_harness.py: SQLite, loopback), all
+Four media stores (five with --only ...,async), each behind its own real Synapse (tests/synapse_harness.py: SQLite, loopback), all
 measured in the same run against one private SeaweedFS (tests/harness.py S3Server) reached through a
 latency-injecting proxy on loopback (LatencyProxy below):
 
@@ -13,6 +13,10 @@ latency-injecting proxy on loopback (LatencyProxy below):
              checks; its own bucket, listed once at mount). Not a contender: what any filesystem in
              this stack pays through Synapse, measured in the same run (the floor under s3cachefs)
   s3cachefs  media_store_path is an s3cachefs mount of this checkout (synchronous write-through)
+  async      the same, with `upload = "async"` for local_content/ as well as the thumbnails (the
+             default policies otherwise): originals queued on the cache disk and uploaded in the
+             background, the trade the README describes. Only with --only; its remount for the cold
+             reads is a clean stop, which drains the queue first
 
 For every RTT (--rtt, milliseconds), every round and every store:
   1. uploads: N images (JPEG and PNG of 200-300 KiB made with Pillow, fresh bytes for each upload, so
@@ -34,8 +38,8 @@ The proxy waits RTT/2 before it forwards the first chunk after an idle gap of mo
 direction, so each request/response exchange costs one RTT and a streaming body is not slowed; it also
 counts those waits, which shows how many S3 exchanges each store makes per upload.
 
-Output: one markdown table per RTT (metric x store, with the ratios s3cachefs / provider and floor /
-provider), printed and written to --output. Figures are medians over rounds (probe percentiles over all the probe's samples).
+Output: one markdown table per RTT (metric x store, with the ratios s3cachefs / provider, floor /
+provider and async / provider), printed and written to --output. Figures are medians over rounds (probe percentiles over all the probe's samples).
 
     python -m bench.reactor [--rtt 0,30,100] [--quick] [--rounds 2] [--images 30] [--output FILE]
 
@@ -71,7 +75,9 @@ from typing import Any
 
 from PIL import Image
 
+from bench.report import steal_seconds
 from bench.workdir import run_dir
+from s3cachefs.config import DEFAULT_POLICIES
 from tests.harness import (
     LOOPBACK,
     REPO_ROOT,
@@ -84,7 +90,9 @@ from tests.harness import (
 )
 from tests.synapse_harness import MatrixClient, SynapseServer
 
-STORES = ("local", "provider", "floor", "s3cachefs")
+STORES = ("local", "provider", "floor", "s3cachefs", "async")
+# Measured unless --only says otherwise; "async" (originals uploaded in the background too) is opt-in.
+DEFAULT_STORES = ("local", "provider", "floor", "s3cachefs")
 PROBE_PATH = "/_matrix/client/versions"
 MIB = 1024 * 1024
 LARGE_UPLOAD = 8 * MIB  # uploaded during the probed phase
@@ -343,8 +351,10 @@ class ProviderSynapse(SynapseServer):
 class ProxiedMount(Mount):
     """tests.harness.Mount, but talking to S3 through the proxy."""
 
-    def __init__(self, server: S3Server, bucket: str, base: Path, endpoint_url: str) -> None:
-        super().__init__(server, bucket, base / "mnt", base / "cache", base / "mount.log")
+    def __init__(
+        self, server: S3Server, bucket: str, base: Path, endpoint_url: str, extra_args: Sequence[str] = ()
+    ) -> None:
+        super().__init__(server, bucket, base / "mnt", base / "cache", base / "mount.log", extra_args)
         self.endpoint_url = endpoint_url
 
     def command(self) -> list[str]:
@@ -410,7 +420,29 @@ def make_stores(base: Path, s3: S3Server, proxy: LatencyProxy) -> list[Store]:
 
     mount = ProxiedMount(s3, s3.new_bucket(), base / "s3cachefs", proxy.endpoint_url)
     stores.append(Store("s3cachefs", SynapseServer(base / "s3cachefs" / "synapse", mount.path), mount))
+
+    policy = base / "async" / "policy.toml"
+    policy.parent.mkdir(parents=True)
+    policy.write_text(async_originals_policies())
+    amount = ProxiedMount(s3, s3.new_bucket(), base / "async", proxy.endpoint_url, ["--config", str(policy)])
+    stores.append(Store("async", SynapseServer(base / "async" / "synapse", amount.path), amount))
     return stores
+
+
+def async_originals_policies() -> str:
+    """The default [[cache_policy]] tables, with `upload = "async"` for local_content/ too: the trade
+    the README describes for admins who accept losing originals with the cache disk before their upload."""
+    tables = []
+    for p in DEFAULT_POLICIES:
+        lines = ["[[cache_policy]]", f'prefix = "{p.prefix}"', f"evict_rank = {p.evict_rank}"]
+        if p.local_only:
+            lines.append("local_only = true")
+        if p.max_age is not None:
+            lines.append(f"max_age = {int(p.max_age)}")
+        if p.upload_async or p.prefix == "local_content/":
+            lines.append('upload = "async"')
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + "\n"
 
 
 def start_store(store: Store) -> None:
@@ -463,7 +495,7 @@ def make_cold(store: Store, page_cache: PageCache) -> None:
         for sub in ("local_content", "local_thumbnails"):
             shutil.rmtree(store.media_dir / sub, ignore_errors=True)
     # floor: nothing to do; it keeps no copy and GETs the object at every open()
-    elif store.name == "s3cachefs":
+    elif store.name in ("s3cachefs", "async"):  # a clean stop drains the async store's upload queue
         mount = store.mount
         assert mount is not None
         before = mount.listings_done()
@@ -569,6 +601,7 @@ class Phase:
     cold_thumb: list[float] = field(default_factory=list)
     cold_large: list[float] = field(default_factory=list)
     waits_per_upload: float = 0.0  # proxy waits towards S3 per upload of the probed phase
+    steal_upload: float = 0.0  # share of the CPUs' time the hypervisor took during the probed uploads
 
 
 def run_phase(
@@ -583,13 +616,14 @@ def run_phase(
     w0 = proxy.waits_snapshot()["to_server"]
     with Probe(store.synapse.port) as probe:
         time.sleep(0.2)  # a few samples before the first upload
-        t0 = time.perf_counter()
+        t0, s0 = time.perf_counter(), steal_seconds()
         for m in media:
             upload(client, m)
             ph.image_uploads.append(m.upload_seconds)
         upload(client, big)
         ph.upload_8m = big.upload_seconds
         ph.upload_phase = time.perf_counter() - t0
+        ph.steal_upload = (steal_seconds() - s0) / (ph.upload_phase * (os.cpu_count() or 1))
     ph.probe_upload = probe.samples
     ph.probe_errors += probe.errors
     ph.waits_per_upload = (proxy.waits_snapshot()["to_server"] - w0) / (len(media) + 1)
@@ -650,7 +684,7 @@ def med(values: Sequence[float]) -> float:
 @dataclass
 class Row:
     label: str
-    unit: str  # "ms", "s" or "" (a count)
+    unit: str  # "ms", "s", "%" (of a fraction) or "" (a count)
     of: Callable[[list[Phase]], float]
     compare: bool = True  # a ratio s3cachefs / provider means something
 
@@ -685,6 +719,8 @@ ROWS = [
     Row("8 MiB upload", "ms", _median_of_rounds("upload_8m")),
     Row("upload phase, wall time", "s", _median_of_rounds("upload_phase")),
     Row("proxy waits towards S3 per upload", "", _median_of_rounds("waits_per_upload")),
+    # Time the hypervisor gave this VM's CPUs to others: it stalls Synapse and the mount alike.
+    Row("VM steal time during uploads", "%", _median_of_rounds("steal_upload"), False),
     Row("32 MiB upload", "ms", _median_of_rounds("upload_32m")),
     Row("thumbnail, warm (median)", "ms", lambda ps: med(_all(ps, "thumb_warm"))),
     Row("cold download, image (median)", "ms", lambda ps: med(_all(ps, "cold_small"))),
@@ -703,6 +739,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{v:.1f}" if v < 100 else f"{v:.0f}"
     if unit == "s":
         return f"{value:.1f}"
+    if unit == "%":
+        return f"{value * 100:.1f}"
     return f"{value:.1f}" if value != int(value) else f"{int(value)}"
 
 
@@ -713,9 +751,9 @@ def ratio(a: float, b: float) -> str:
 
 
 def table(rtt_ms: int, results: dict[str, list[Phase]]) -> str:
-    # The floor's column and its ratio only when it ran (tables of runs before it existed stay alike).
-    stores = [s for s in STORES if s != "floor" or results.get(s)]
-    ratios = [("s3cachefs", "provider")] + ([("floor", "provider")] if "floor" in stores else [])
+    # The floor's and async's columns and ratios only when they ran (older tables stay alike).
+    stores = [s for s in STORES if s not in ("floor", "async") or results.get(s)]
+    ratios = [("s3cachefs", "provider")] + [(s, "provider") for s in ("floor", "async") if s in stores]
     lines = [
         f"### RTT {rtt_ms} ms",
         "",
@@ -820,7 +858,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--cold-images", type=int, default=None, help="images per cold round (default 3; quick 2)"
     )
-    ap.add_argument("--only", default=",".join(STORES), help="stores to measure (default all four)")
+    ap.add_argument(
+        "--only",
+        default=",".join(DEFAULT_STORES),
+        help=f"stores to measure, of {', '.join(STORES)} (default: all but async)",
+    )
     ap.add_argument("--output", default="bench/reactor-results.md", help="markdown file ('' for none)")
     ap.add_argument("--no-drop-caches", action="store_true", help="do not drop the page cache for cold reads")
     ap.add_argument("--workdir", default=None, help="parent of the run's directory (default: system temp)")

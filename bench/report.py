@@ -67,3 +67,15 @@ def append_report(output: str, text: str) -> None:
     previous = out.read_text() if out.exists() else ""
     out.write_text((previous.rstrip() + "\n\n" if previous.strip() else "") + text)
     log(f"appended to {out}")
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds() -> float:
+    """Seconds of steal time since boot, summed over the CPUs (/proc/stat, `cpu` line, 8th value): the
+    time the hypervisor ran something else while this VM's virtual CPUs wanted to run. A stretch of
+    steal pauses whatever was running here, the daemon's event loop included; no process can see it
+    in its own clock but as slowness."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / _TICK
