@@ -102,6 +102,48 @@ def test_an_unlinked_or_rewritten_queued_file_leaves_the_bucket_with_the_namespa
     assert not (m.path / gone).exists() and (m.path / rewritten).read_bytes() == new
 
 
+def test_a_thumbnail_unlinked_while_its_close_copies_it_leaves_nothing_in_the_cache_or_the_bucket(
+    make_mount: MakeMount, s3: S3Client
+) -> None:
+    # An async close() copies the file, fsyncs it and renames it into data/ in one worker thread; an
+    # unlink() served meanwhile removes the row and what data/ held. A copy renamed into data/ after
+    # that must not stay there (a file no row accounts for), be queued or reach the bucket.
+    m = make_mount()
+    path = m.path / THUMB
+    path.parent.mkdir(parents=True)
+    tmp = m.cache_dir / "tmp"
+    data = bytes(range(256)) * (96 * 4096)  # 96 MiB: its copy and fsync take long enough to unlink during
+    f = open(path, "wb")  # noqa: SIM115 - closed in another thread, timed against the unlink
+    f.write(data)
+    f.flush()
+    closed: list[BaseException | None] = []
+
+    def close() -> None:
+        try:
+            f.close()
+            closed.append(None)
+        except OSError as e:
+            closed.append(e)
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    try:
+        assert wait_until(lambda: any(n.startswith("queue-") for n in os.listdir(tmp)), 30, 0.001)
+        os.unlink(path)
+        assert closer.is_alive(), "the close() had finished before the unlink: the race was not made"
+    finally:
+        closer.join(60)
+    assert closed == [None], closed
+    assert not path.exists()
+    assert wait_until(lambda: queue_empty(m), 30)
+    leftovers = [
+        p for p in (m.cache_dir / "data").rglob("*") if p.is_file() and p.stat().st_size == len(data)
+    ] + [n for n in os.listdir(tmp) if n.startswith("queue-")]
+    assert leftovers == []
+    assert THUMB not in bucket_objects(s3, m.bucket)
+    assert mount_status(m)["queued_uploads"] == 0
+
+
 def test_a_queued_file_open_for_writing_again_does_not_stall_the_mount(
     make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
 ) -> None:
