@@ -9,6 +9,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 
 from s3cachefs.cli import EXIT_USAGE, config_from_args, main
 from s3cachefs.config import (
+    DEFAULT_POLICIES,
     Config,
     ConfigError,
     S3Options,
@@ -23,6 +25,7 @@ from s3cachefs.config import (
     default_cache_dir,
     load_config_file,
     parse_duration,
+    parse_policies,
     parse_size,
     s3_key,
 )
@@ -686,3 +689,18 @@ def test_bad_synapse_table_is_refused(tmp_path: Path, table: str, message: str) 
     path = write_toml(tmp_path, f'bucket = "media"\n[synapse]\n{table}\n')
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_from_args(["mount", "--config", str(path), str(tmp_path / "mnt")])
+
+
+def test_the_documented_async_originals_policies_are_the_defaults_with_originals_queued() -> None:
+    # docs/configuration.md gives admins a whole [[cache_policy]] set to copy (the tables replace the
+    # defaults as a whole): it must parse, and differ from the defaults only in local_content/.
+    text = (REPO_ROOT / "docs" / "configuration.md").read_text()
+    section = text.split("### Originals asynchronous too", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    policies = parse_policies(tomllib.loads(block)["cache_policy"])
+    expected = tuple(
+        dataclasses.replace(p, upload_async=True) if p.prefix == "local_content/" else p
+        for p in DEFAULT_POLICIES
+    )
+    assert policies == expected
+    assert any(p.prefix == "local_content/" and p.upload_async for p in policies)
