@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 import boto3
 import botocore.config
 
+from bench.pyfuse3_floor import DATA as FLOOR_DATA
 from bench.report import append_report, header, interrupt_on_signals, log, steal_seconds
 from bench.workdir import run_dir
 from tests.harness import TEST_REGION, HarnessError, Mount, S3Server
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 OBJECT_BYTES = 100
 PROBE_PERIOD = 0.010
 SLOW_PROBE = 0.050
+FLOOR_SLOW = 0.020
 RSS_PERIOD = 1.0
 THUMBNAILS = ("32-32-image-png-crop", "96-96-image-png-crop", "320-240-image-png-scale",
               "640-480-image-png-scale", "800-600-image-png-scale")  # fmt: skip
@@ -205,7 +207,9 @@ class Probes:
     times: list[float] = field(default_factory=list)  # seconds each
     control: list[float] = field(default_factory=list)  # the same machine's stat() of a local file
     steal: list[float] = field(default_factory=list)  # the VM's steal time during each probe
-    slow: list[tuple[float, float, str, float]] = field(default_factory=list)  # (offset, s, part, steal)
+    floor: list[float] = field(default_factory=list)  # the same probe through the no-op FUSE floor
+    # (offset, seconds, slowest part, steal, the floor probe's seconds right after)
+    slow: list[tuple[float, float, str, float, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     steal_total: float = 0.0  # over the whole run, both CPUs
     wall: float = 0.0
@@ -214,8 +218,11 @@ class Probes:
 class Prober:
     """The probe of the module docstring; one instance per mount, names never reused."""
 
-    def __init__(self, probe_dir: Path, probe_file: Path, expect: bytes, control: Path) -> None:
+    def __init__(
+        self, probe_dir: Path, probe_file: Path, expect: bytes, control: Path, floor: Path | None
+    ) -> None:
         self.control = control
+        self.floor = floor
         self.dir = probe_dir
         self.file = probe_file
         self.expect = expect
@@ -251,6 +258,23 @@ class Prober:
         parts = {"lookup": t1 - t0, "stat": t2 - t1, "open": t3 - t2, "read": t4 - t3, "close": t5 - t4}
         return t5 - t0, max(parts, key=lambda k: parts[k])
 
+    def floor_once(self) -> float:
+        """The same probe through bench/pyfuse3_floor.py (every name exists there, and every file holds
+        its DATA): the FUSE round trips and wake-ups of the probe with no listing behind them."""
+        assert self.floor is not None
+        t0 = time.perf_counter()
+        os.lstat(self.floor / f"p{self.counter}")
+        os.stat(self.floor / "known")
+        fd = os.open(self.floor / "known", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        took = time.perf_counter() - t0
+        if data != FLOOR_DATA[:4096]:
+            raise HarnessError("the floor filesystem returned other bytes than its DATA")
+        return took
+
     def run(self, until: threading.Event | None, seconds: float, origin: float) -> Probes:
         """Probe every PROBE_PERIOD until `until` is set, for at most `seconds`."""
         out = Probes()
@@ -269,15 +293,25 @@ class Prober:
                     raise HarnessError(f"probe failing: {out.errors[-3:]}") from e
                 took, part = time.monotonic() - start, "error"
             steal = steal_seconds() - steal0
+            floor = self.floor_once() if self.floor is not None else float("nan")
             out.times.append(took)
             out.steal.append(steal)
+            out.floor.append(floor)
             if took > SLOW_PROBE:
-                out.slow.append((start - origin, took, part, steal))
+                out.slow.append((start - origin, took, part, steal, floor))
             next_at = max(next_at + PROBE_PERIOD, time.monotonic())
             time.sleep(max(0.0, next_at - time.monotonic()))
         out.steal_total = steal_seconds() - stolen
         out.wall = time.monotonic() - began
         return out
+
+
+class NoopMount(Mount):
+    """bench/pyfuse3_floor.py on its own mount point instead of s3cachefs (tests.harness.Mount runs it
+    and unmounts it)."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.pyfuse3_floor", str(self.path)]
 
 
 def rss_kib(pid: int) -> int | None:
@@ -399,6 +433,22 @@ def steal_lines(p: Probes) -> list[str]:
     ]
 
 
+def floor_lines(p: Probes) -> list[str]:
+    """The no-op FUSE floor probed right after each probe: what the machine costs the same FUSE calls
+    with no daemon work behind them."""
+    f = [x for x in p.floor if x == x]
+    if not f:
+        return []
+    both = sum(1 for t, x in zip(p.times, p.floor, strict=True) if t > SLOW_PROBE and x > FLOOR_SLOW)
+    return [
+        f"The same probe through bench/pyfuse3_floor.py (a pyfuse3 filesystem answering from memory, "
+        f"mounted beside it), right after each probe: p50 {ms(pct(f, 0.5))}, p99 {ms(pct(f, 0.99))}, "
+        f"max {ms(max(f))} ms, {sum(x > SLOW_PROBE for x in f)} over 50 ms; of the {len(p.slow)} "
+        f"probes over 50 ms, {both} had a floor probe over {FLOOR_SLOW * 1000:.0f} ms right after.",
+        "",
+    ]
+
+
 def report(
     args: argparse.Namespace,
     head: list[str],
@@ -445,12 +495,13 @@ def report(
         )
         lines.append(
             ", ".join(
-                f"{o:.1f}s {t * 1000:.0f} ms ({part}{f', steal {st * 1000:.0f} ms' if st else ''})"
-                for o, t, part, st in sorted(worst)
+                f"{o:.1f}s {t * 1000:.0f} ms ({part}{f', steal {st * 1000:.0f} ms' if st else ''}"
+                f"{f', floor {fl * 1000:.1f} ms' if fl == fl else ''})"
+                for o, t, part, st, fl in sorted(worst)
             )
         )
         lines.append("")
-    lines += steal_lines(during)
+    lines += steal_lines(during) + floor_lines(during)
     for name, p in (("during", during), ("after", after)):
         if p.errors:
             lines.append(f"Probe errors {name} the listing: {'; '.join(p.errors[:5])}")
@@ -495,6 +546,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="nice value for every thread of the SeaweedFS server (e.g. 19): S3 runs on another machine "
         "in production, here it shares the two cores with the daemon and the probe",
+    )
+    ap.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="do not probe bench/pyfuse3_floor.py beside the mount (by default each probe is made through it "
+        "too, right after: the FUSE round trips with no daemon work behind them)",
     )
     ap.add_argument("--output", default="bench/listing-stall-results.md", help="markdown file ('' for none)")
     args = ap.parse_args(argv)
@@ -545,6 +602,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.data:
                 record.write_text(json.dumps({"bucket": bucket, **dataclasses.asdict(put)}))
 
+        floor: NoopMount | None = None
+        if not args.no_floor:
+            floor = NoopMount(s3, bucket, base / "floor-mnt", base / "floor-cache", base / "floor.log")
+            stack.callback(floor.cleanup)
+            floor.start()
         mount = Mount(s3, bucket, base / "mnt", base / "cache", base / "mount.log")
         stack.callback(lambda: notes.extend(mount.cleanup()))
         (base / "cache").mkdir()
@@ -564,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         probe_file.write_bytes(expect)
         control = base / "control"
         control.write_bytes(expect)
-        prober = Prober(probe_dir, probe_file, expect, control)
+        prober = Prober(probe_dir, probe_file, expect, control, floor.path if floor else None)
         prober.once()
         log(f"mounted (pid {mount.proc.pid}); probe file made in {time.monotonic() - t:.2f}s; probing")
 
