@@ -22,6 +22,9 @@ this one event loop, so any stretch of the listing that does not yield is a stal
        - open(), read(), close() of the probe file: FUSE OPEN and FLUSH reach the daemon (the read is
          served from the kernel's page cache after the first, keep_cache).
      Each FUSE request waits for the event loop, so a probe's time is bounded below by any stall of it.
+     Each probe is also timed through bench/pyfuse3_floor.py (a pyfuse3 filesystem answering from
+     memory, mounted beside it unless --no-floor) right after, and the VM's steal time (/proc/stat)
+     during it is recorded: what the machine alone costs the same FUSE calls at that moment.
      Meanwhile the daemon's VmRSS is read from /proc/PID/status every second.
   4. The same probe for --baseline-seconds after the listing ended (the baseline).
 
