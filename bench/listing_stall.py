@@ -73,6 +73,7 @@ OBJECT_BYTES = 100
 PROBE_PERIOD = 0.010
 SLOW_PROBE = 0.050
 FLOOR_SLOW = 0.020
+STOLEN = 0.010  # steal during a probe counted as "stolen" (/proc/stat's resolution)
 RSS_PERIOD = 1.0
 THUMBNAILS = ("32-32-image-png-crop", "96-96-image-png-crop", "320-240-image-png-scale",
               "640-480-image-png-scale", "800-600-image-png-scale")  # fmt: skip
@@ -417,12 +418,10 @@ def steal_lines(p: Probes) -> list[str]:
     if not p.times:
         return []
     cpus = os.cpu_count() or 1
-    stolen = [st >= 0.010 for st in p.steal]
-    slow = [t > SLOW_PROBE for t in p.times]
-    n_st = sum(stolen)
-    slow_st = sum(a and b for a, b in zip(stolen, slow, strict=True))
-    slow_no = sum(b and not a for a, b in zip(stolen, slow, strict=True))
+    n_st = sum(st >= STOLEN for st in p.steal)
     n_no = len(p.times) - n_st
+    slow_st = sum(st >= STOLEN for _, _, _, st, _ in p.slow)
+    slow_no = len(p.slow) - slow_st
 
     def share(k: int, n: int) -> str:
         return f"{k} of {n} ({100 * k / n:.1f} %)" if n else f"{k} of 0"
@@ -442,7 +441,7 @@ def floor_lines(p: Probes) -> list[str]:
     f = [x for x in p.floor if x == x]
     if not f:
         return []
-    both = sum(1 for t, x in zip(p.times, p.floor, strict=True) if t > SLOW_PROBE and x > FLOOR_SLOW)
+    both = sum(fl > FLOOR_SLOW for *_, fl in p.slow)
     return [
         f"The same probe through bench/pyfuse3_floor.py (a pyfuse3 filesystem answering from memory, "
         f"mounted beside it), right after each probe: p50 {ms(pct(f, 0.5))}, p99 {ms(pct(f, 0.99))}, "

@@ -1,9 +1,10 @@
 """What a homeserver admin sees: Synapse's reactor under media uploads, with S3 RTT ms away (issue
 "responsiveness", part 6).
 
-Four media stores (five with --only ...,async), each behind its own real Synapse (tests/synapse_harness.py: SQLite, loopback), all
-measured in the same run against one private SeaweedFS (tests/harness.py S3Server) reached through a
-latency-injecting proxy on loopback (LatencyProxy below):
+Four media stores (five with --only ...,async), each behind its own real Synapse
+(tests/synapse_harness.py: SQLite, loopback), all measured in the same run against one private
+SeaweedFS (tests/harness.py S3Server) reached through a latency-injecting proxy on loopback
+(LatencyProxy below):
 
   local      media_store_path is a plain directory (no S3 at all: the floor)
   provider   the same, plus synapse-s3-storage-provider with store_local, store_remote and
@@ -39,7 +40,8 @@ direction, so each request/response exchange costs one RTT and a streaming body 
 counts those waits, which shows how many S3 exchanges each store makes per upload.
 
 Output: one markdown table per RTT (metric x store, with the ratios s3cachefs / provider, floor /
-provider and async / provider), printed and written to --output. Figures are medians over rounds (probe percentiles over all the probe's samples).
+provider and async / provider), printed and written to --output. Figures are medians over rounds
+(probe percentiles over all the probe's samples).
 
     python -m bench.reactor [--rtt 0,30,100] [--quick] [--rounds 2] [--images 30] [--output FILE]
 

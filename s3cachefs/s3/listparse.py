@@ -7,12 +7,11 @@ million objects is half a minute of such parsing, and every lookup Synapse makes
 turn for the lock, again after each SQLite call (which gives the lock up). `ListParser` reads the
 same XML with ElementTree in one loop over the elements (about 10 us per key, 2 ms for 200) and
 builds the dict botocore would: the members s3cachefs reads (Contents' Key, Size, ETag,
-LastModified; CommonPrefixes; IsTruncated, NextContinuationToken, KeyCount) and those botocore's
-own handlers read after the call (EncodingType, Prefix, Delimiter, StartAfter: keys come URL-encoded
-and botocore decodes them). A Contents entry keeps only Key, Size, ETag, LastModified and
-StorageClass. Anything else, or anything
-it cannot read, is left to botocore's parser; error answers never reach this code (botocore parses
-those before it asks for the modeled output).
+LastModified; CommonPrefixes; IsTruncated, NextContinuationToken, KeyCount) and those botocore's own
+handlers read after the call (EncodingType, Prefix, Delimiter, StartAfter: keys come URL-encoded and
+botocore decodes them). A Contents entry keeps only Key, Size, ETag, LastModified and StorageClass.
+Anything else, or anything it cannot read, is left to botocore's parser; error answers never reach
+this code (botocore parses those before it asks for the modeled output).
 """
 
 from __future__ import annotations
