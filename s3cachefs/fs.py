@@ -246,6 +246,8 @@ class Operations(pyfuse3.Operations):
                     self.cache.write_failed(w, e)
                     raise
                 self.cache.truncated(w)
+                if fh is None:
+                    w.settle_at_release = True
             else:
                 # truncate(path) with no open file: that is a complete write of its own, so it is
                 # uploaded before we answer, like a close().

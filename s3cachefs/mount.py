@@ -333,6 +333,22 @@ def _check_s3(config: Config) -> None:
 
 
 def _build(config: Config, uid: int, gid: int) -> _Parts:
+    try:
+        return _build_parts(config, uid, gid)
+    except sqlite3.DatabaseError as e:
+        # A damaged (or unreadable) index refuses the start with exit 2, so that systemd does not
+        # restart into the same error (RestartPreventExitStatus=2), and says what the admin can do.
+        raise ConfigError(
+            f"cache directory {config.cache_dir}: its index (index.sqlite) cannot be used: {e}. To start"
+            " afresh, move the cache directory aside and mount again: the index is rebuilt from the"
+            " bucket (files that were only in this cache, such as uploads still queued, stay in the"
+            " moved directory's data/)"
+        ) from None
+    except OSError as e:  # the cache directory's layout (a symlink where a directory must be, modes)
+        raise ConfigError(f"cache directory {config.cache_dir}: {e}") from None
+
+
+def _build_parts(config: Config, uid: int, gid: int) -> _Parts:
     limiter = trio.CapacityLimiter(config.s3.threadpool_size)
     index = Index(config.cache_dir / "index.sqlite")
     _check_identity(index, config)

@@ -626,8 +626,12 @@ class Namespace:
         if dst is not None and self.cache.writer(dst.ino) is not None:
             raise _err(errno.EBUSY, "rename over a file open for writing")
         if self.cache.writer(src.ino) is not None:
-            await self._rename_written(src, p_new, n_new)
-            return
+            if await self._rename_written(src, p_new, n_new):
+                return
+            # Its last handle was released while the rename waited for the keys: a plain rename.
+            src = self.index.get(src.ino)
+            if src is None:
+                raise _err(errno.ENOENT, "rename")
         if src.state == State.WRITING:
             # A write whose writer is gone and whose row is not settled yet (a moment at most).
             raise _err(errno.EBUSY, "rename of a file whose write is being settled")
@@ -668,26 +672,47 @@ class Namespace:
                 return
             self._move_file_row(src, src_rel, p_new, n_new, dst_rel, dst_k, info, mark)
 
-    async def _rename_written(self, src: Node, p_new: int, n_new: bytes) -> None:
+    async def _rename_written(self, src: Node, p_new: int, n_new: bytes) -> bool:
         """Rename of a file open for writing (POSIX allows it: `(echo foo; mv f f.new) > f` leaves foo
-        in f.new). Its bytes are in its writer's staging file, not (all) in S3: the row moves, the
-        next close uploads the whole file under the new name, and the version S3 may hold under the
-        old name is deleted (queued, in the same commit). So is one under the new name, unless that
-        upload replaces it first (a PUT drops the DELETEs of its key queued before it)."""
+        in f.new). Returns False if its writer was released meanwhile (the caller renames it as a
+        closed file).
+
+        What S3 holds under the old name (the version the write began from, or that a close()
+        committed) is copied to the new name, as a plain rename does, and the old name's DELETE
+        queued: a crash before the next close then leaves that version under the new name. The
+        bytes written since go up at the next close (or at the last release, if no close follows:
+        the file may have been closed already and still be mapped). With no version in S3 (a new
+        file, or a queued one), the row moves alone, and both names' DELETEs are queued (a PUT drops
+        the DELETEs of its key queued before it).
+
+        A close() uploading the file ends first (it holds the key), and one that waited for the old name's key finds the new name
+        and starts again (Writes.upload)."""
         src_rel = self.index.relpath(src.ino)
         dst_rel = self.relpath_of(p_new, n_new)
         src_k, dst_k = self.cache.klass(src_rel), self.cache.klass(dst_rel)
         if src_k.local_only != dst_k.local_only:
             raise _err(errno.EXDEV, "rename between local-only and uploaded paths")
+        w = self.cache.writer(src.ino)
+        if w is None:
+            return False
         self.cache.index_writable()
-        # An upload of either name in flight ends first: it would land under the old name.
-        async with self.cache.changing(src_rel, dst_rel):
+        async with self.cache.changing(src_rel, dst_rel) as mark:
             cur = self.index.get(src.ino)
             if cur is None or self.index.relpath(src.ino) != src_rel:
                 raise _err(errno.ENOENT, "rename")
+            if self.cache.writer(src.ino) is not w:
+                return False
+            if w.prev is not None and not src_k.local_only:
+                info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel, w.prev[0])
+                self.cache.renamed_while_written(src.ino, info)
+                self._move_file_row(
+                    cur, src_rel, p_new, n_new, dst_rel, dst_k, info, mark, queue_deletes=(src_rel,)
+                )
+                return True
             self.cache.renamed_while_written(src.ino)
             deletes = () if src_k.local_only else (src_rel, dst_rel)
             self._move_file_row(cur, src_rel, p_new, n_new, dst_rel, dst_k, queue_deletes=deletes)
+        return True
 
     def _move_file_row(
         self,

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
@@ -926,6 +926,21 @@ _libc.mmap.argtypes = [
 ]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+@contextlib.contextmanager
+def libc_mapping(fd: int, size: int) -> Iterator[None]:
+    """A read-only shared mapping of `fd` while the block runs, made with libc's mmap: Python's
+    mmap dup()s the fd, and the close of that copy would be one more FUSE flush. A mapping holds
+    the file open after its fd is closed (FUSE's RELEASE comes at munmap)."""
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    try:
+        yield
+    finally:
+        if _libc.munmap(addr, size) != 0:
+            raise OSError(ctypes.get_errno(), "munmap")
 
 
 def pages_in_page_cache(path: Path) -> tuple[int, int]:

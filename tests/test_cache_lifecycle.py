@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 
 from s3cachefs.cache import INLINE_UNLINKS, Cache, Limits
@@ -26,6 +27,7 @@ from s3cachefs.index import ROOT_INO, Index, State, checkpoint
 from s3cachefs.s3 import S3
 
 from .harness import (
+    HarnessError,
     MakeMount,
     Mount,
     S3Server,
@@ -559,3 +561,98 @@ def test_a_policy_from_the_config_file_replaces_the_defaults(
     store_like_synapse(m.path / "scratch/a", b"local")
     store_like_synapse(m.path / "url_cache/2026-11-21/x", b"uploaded now: the defaults were replaced")
     assert set(bucket_objects(s3, m.bucket)) == {"url_cache/2026-11-21/x"}
+
+
+def flip_byte(path: Path, off: int) -> None:
+    """Same length, one byte different: a size check cannot see it."""
+    with open(path, "r+b") as f:
+        f.seek(off)
+        byte = f.read(1)
+        f.seek(off)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_write_open_of_a_damaged_cached_copy_uploads_the_objects_bytes_not_the_damage(
+    make_mount: MakeMount, s3: S3Client
+) -> None:
+    m = make_mount()
+    rel = "local_content/ab/cd/orig"
+    data = os.urandom(256 * 1024)
+    store_like_synapse(m.path / rel, data)
+    copy = cached_copy(m, rel)
+    m.unmount()
+    flip_byte(copy, 1000)
+    m.start()
+    # An update in place (no O_TRUNC) builds on the cached copy: the rest must be the object's bytes.
+    with open(m.path / rel, "r+b") as f:
+        f.write(b"HEAD")
+    expected = b"HEAD" + data[4:]
+    assert bucket_objects(s3, m.bucket)[rel] == expected
+    assert (m.path / rel).read_bytes() == expected
+    assert mount_status(m)["damaged_refetched"] == 1
+
+
+def test_directories_left_in_the_cache_directorys_tmp_and_trash_do_not_stop_the_mount(
+    make_mount: MakeMount,
+) -> None:
+    m = make_mount()
+    rel = "local_content/ab/cd/orig"
+    data = os.urandom(4096)
+    store_like_synapse(m.path / rel, data)
+    m.unmount()
+    for d in ("tmp", "trash", "keep"):
+        (m.cache_dir / d / "junk").mkdir()
+    m.start()
+    # The reaper empties trash/ right after the mount: a crash there came within a moment.
+    assert wait_until(lambda: "cannot remove" in m.log_text() and "trash/junk" in m.log_text(), 10)
+    assert m.running, m.log_tail(30)
+    assert (m.path / rel).read_bytes() == data
+    store_like_synapse(m.path / "local_content/ab/cd/new", b"n" * 100)
+    assert m.running and "Traceback" not in m.log_text(), m.log_tail(30)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_index_is_refused_at_mount_with_a_message_and_exit_code_2(
+    make_mount: MakeMount, damage: str
+) -> None:
+    m = make_mount()
+    store_like_synapse(m.path / "local_content/ab/cd/orig", os.urandom(4096))
+    m.unmount()
+    idx = m.cache_dir / "index.sqlite"
+    if damage == "garbage":
+        idx.write_bytes(os.urandom(idx.stat().st_size))
+    else:
+        with open(idx, "r+b") as f:
+            f.truncate(idx.stat().st_size // 2)
+    with pytest.raises(HarnessError, match="exited with code 2"):
+        m.start()
+    log = m.log_text()
+    assert "index (index.sqlite) cannot be used" in log and "move the cache directory aside" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_kill_9_after_renaming_a_file_open_for_writing_keeps_its_acknowledged_bytes(
+    make_mount: MakeMount, s3: S3Client
+) -> None:
+    """An original in S3 (its close returned) is opened again, appended to and renamed, and the
+    daemon is killed before the close: the version S3 had moved with the name, as a rename of a
+    closed file does; the append was never acknowledged."""
+    m = make_mount()
+    old, new = "local_content/ab/cd/before", "local_content/ab/cd/after"
+    data = os.urandom(100_000)
+    store_like_synapse(m.path / old, data)
+    f = open(m.path / old, "r+b")  # noqa: SIM115 - left open across the crash
+    try:
+        f.seek(0, os.SEEK_END)
+        f.write(b"more")
+        f.flush()
+        os.rename(m.path / old, m.path / new)
+        m.kill()
+    finally:
+        with contextlib.suppress(OSError):
+            f.close()
+    m.start()
+    assert wait_until(lambda: mount_status(m)["queued_deletes"] == 0, 30), mount_status(m)
+    assert bucket_objects(s3, m.bucket) == {new: data}
+    assert (m.path / new).read_bytes() == data
+    assert not (m.path / old).exists()

@@ -7,12 +7,14 @@ import os
 import random
 import subprocess
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from .harness import MakeMount, Mount, S3Server, bucket_objects, queues_empty, wait_until
+from .harness import MakeMount, Mount, S3Server, bucket_objects, libc_mapping, queues_empty, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -135,3 +137,153 @@ def test_a_file_renamed_while_open_for_writing_keeps_its_bytes_under_the_new_nam
     mounted.start()
     assert sorted(os.listdir(d)) == ["f.new", "renamed"]
     assert (d / "renamed").read_bytes() == b"0123456789abcdef"
+
+
+def run_in_thread(
+    results: dict[str, BaseException | None], name: str, fn: Callable[[], object]
+) -> threading.Thread:
+    def target() -> None:
+        try:
+            fn()
+            results[name] = None
+        except BaseException as e:
+            results[name] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t
+
+
+def close_while_s3_hangs_and(server: S3Server, path: Path, data: bytes, other: Callable[[], object]) -> None:
+    """Write `data` to `path` and close it while S3 hangs (the close's PUT waits), and meanwhile run
+    `other` in another thread (it may wait for the file's key); both succeed once S3 is back."""
+    f = open(path, "wb")  # noqa: SIM115 (closed by another thread)
+    f.write(data)
+    f.flush()
+    results: dict[str, BaseException | None] = {}
+    server.pause()
+    try:
+        closer = run_in_thread(results, "close", f.close)
+        assert not wait_until(lambda: not closer.is_alive(), 1.0), "close() must wait for the hung S3"
+        other_thread = run_in_thread(results, "other", other)
+        time.sleep(1.0)
+    finally:
+        server.resume()
+    closer.join(120)
+    other_thread.join(120)
+    assert results == {"close": None, "other": None}, results
+
+
+def test_rename_during_the_close_of_a_written_file_keeps_it_under_the_new_name(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
+    # Whatever the order of the close's PUT and the rename (which waits for the key), the file must
+    # end under the new name with its bytes (as on a local disk): in the mount, in S3, after a
+    # remount.
+    m = make_mount(server=own_s3server)
+    d = m.path / "local_content/ab/cd"
+    d.mkdir(parents=True)
+    data = os.urandom(3 * MiB)
+    close_while_s3_hangs_and(own_s3server, d / "old", data, lambda: os.rename(d / "old", d / "new"))
+    client = own_s3server.client()
+    # Bounded: the last release (after close() returned) may still be settling the file.
+    assert wait_until(lambda: bucket_objects(client, m.bucket) == {"local_content/ab/cd/new": data}, 30), (
+        sorted(bucket_objects(client, m.bucket))
+    )
+    assert wait_until(lambda: queues_empty(m), 30)
+    assert sorted(os.listdir(d)) == ["new"]
+    m.unmount()
+    m.start()
+    assert sorted(os.listdir(d)) == ["new"]
+    assert (d / "new").read_bytes() == data
+    assert bucket_objects(client, m.bucket) == {"local_content/ab/cd/new": data}
+
+
+def test_truncate_path_during_the_close_of_a_written_file_is_kept(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
+    # As above, with truncate(path, 1000): it returned success after the close began, so the file
+    # must end as its first 1000 bytes (mount, S3, remount), not be put back to the whole.
+    m = make_mount(server=own_s3server)
+    d = m.path / "local_content/ab/cd"
+    d.mkdir(parents=True)
+    data = os.urandom(3 * MiB)
+    close_while_s3_hangs_and(own_s3server, d / "f", data, lambda: os.truncate(d / "f", 1000))
+    client = own_s3server.client()
+    assert wait_until(
+        lambda: bucket_objects(client, m.bucket).get("local_content/ab/cd/f") == data[:1000], 30
+    ), f"S3 holds {len(bucket_objects(client, m.bucket).get('local_content/ab/cd/f', b''))} bytes"
+    assert (d / "f").read_bytes() == data[:1000]
+    m.unmount()
+    m.start()
+    assert (d / "f").read_bytes() == data[:1000]
+
+
+def test_rename_of_a_closed_but_still_mapped_thumbnail_keeps_it(mounted: Mount, s3: S3Client) -> None:
+    # A thumbnail (upload = "async") is written and closed (acknowledged: durable and queued), while
+    # a read-only mapping keeps the file's last reference. Renamed in between, it must end under the
+    # new name, in the mount, in S3 and after a remount.
+    d = mounted.path / "local_thumbnails/ab/cd/efgh"
+    d.mkdir(parents=True)
+    data = os.urandom(100_000)
+    fd = os.open(d / "32-32-image-png-crop", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    with libc_mapping(fd, len(data)):
+        os.close(fd)  # FLUSH: committed (queued)
+        os.rename(d / "32-32-image-png-crop", d / "64-64-image-png-crop")
+    # munmap: RELEASE
+    new = "local_thumbnails/ab/cd/efgh/64-64-image-png-crop"
+    assert wait_until(lambda: bucket_objects(s3, mounted.bucket) == {new: data}, 30), sorted(
+        bucket_objects(s3, mounted.bucket)
+    )
+    assert wait_until(lambda: queues_empty(mounted), 30)
+    assert sorted(os.listdir(d)) == ["64-64-image-png-crop"]
+    mounted.unmount()
+    mounted.start()
+    assert sorted(os.listdir(d)) == ["64-64-image-png-crop"]
+    assert (d / "64-64-image-png-crop").read_bytes() == data
+
+
+def test_rename_that_waits_for_the_key_while_the_writer_closes_keeps_the_file(
+    make_mount: MakeMount, own_s3server: S3Server
+) -> None:
+    # The file "old" is open for writing, its bytes already in S3 (fsync). A rename old -> new
+    # starts while the key "new" is held by a queued DELETE that S3 is slow to answer (an earlier
+    # file "new" was unlinked). Meanwhile the writer closes (nothing left to upload: close returns at
+    # once, and its last release settles the file). Once S3 answers, the rename goes on. The file
+    # must end under "new" with its bytes, in the mount, in S3, and after a remount.
+    m = make_mount(server=own_s3server)
+    d = m.path / "local_content/ab/cd"
+    d.mkdir(parents=True)
+    (d / "new").write_bytes(b"an earlier file")
+    data = os.urandom(1 * MiB)
+    f = open(d / "old", "wb")  # noqa: SIM115
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())  # in S3 now
+    results: dict[str, BaseException | None] = {}
+    own_s3server.pause()
+    try:
+        os.unlink(d / "new")  # returns at once; its DELETE hangs, holding the key "new"
+        time.sleep(1.0)
+        renamer = run_in_thread(results, "rename", lambda: os.rename(d / "old", d / "new"))
+        assert not wait_until(lambda: not renamer.is_alive(), 1.0), "rename must wait for the key"
+        f.close()  # nothing to upload: returns, and the last release follows
+        time.sleep(1.0)
+    finally:
+        own_s3server.resume()
+    renamer.join(120)
+    assert results == {"rename": None}, results
+    client = own_s3server.client()
+    assert wait_until(lambda: queues_empty(m), 30)
+    wait_until(lambda: sorted(bucket_objects(client, m.bucket)) == ["local_content/ab/cd/new"], 20)
+    listing = sorted(os.listdir(d))
+    objects = bucket_objects(client, m.bucket)
+    m.unmount()
+    m.start()
+    after = sorted(os.listdir(d))
+    assert (listing, sorted(objects), after) == (["new"], ["local_content/ab/cd/new"], ["new"]), (
+        f"namespace {listing}, bucket {sorted(objects)}, namespace after remount {after}"
+    )
+    assert objects["local_content/ab/cd/new"] == data
+    assert (d / "new").read_bytes() == data

@@ -260,3 +260,73 @@ def _attached(pid: int) -> bool:
     except OSError:
         pass
     return False
+
+
+def cached_copy(m: Mount, rel: str) -> Path:
+    ino = os.stat(m.path / rel).st_ino
+    return m.cache_dir / "data" / f"{ino % 256:02x}" / str(ino)
+
+
+def test_a_queued_copy_changed_after_its_check_is_never_stored_in_the_bucket(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    """The uploader checks a queued file's MD5, then reads it again to send it. A copy damaged in
+    between (here: while S3 holds back the answer to CreateMultipartUpload) must not reach S3."""
+    MiB = 1024 * 1024
+    m = through(make_mount, proxy, "--multipart-threshold", "5M", "--multipart-chunksize", "5M")
+    data = os.urandom(11 * MiB)
+    with proxy.fault("late", only="POST /" + m.bucket + "/local_thumbnails/", delay=2.0):  # < FAST timeout
+        write(m, THUMB, data)  # acknowledged: durable and queued
+        assert wait_until(lambda: proxy.counts().get("late:POST", 0) >= 1, 30), proxy.counts()
+        with open(cached_copy(m, THUMB), "r+b") as f:
+            f.seek(6 * MiB + 5)
+            byte = f.read(1)
+            f.seek(6 * MiB + 5)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        assert wait_until(lambda: "changed since it was checked" in m.log_text(), 30), m.log_tail(20)
+    # Tried again: the copy no longer has its MD5, so the row gives it up as damaged.
+    assert wait_until(lambda: "damaged; not sending it" in m.log_text(), 30), m.log_tail(20)
+    assert THUMB not in bucket_objects(s3, m.bucket)
+    assert not s3.list_multipart_uploads(Bucket=m.bucket).get("Uploads"), "the upload was aborted"
+
+
+def test_kill_9_while_a_queued_thumbnail_is_closed_again_keeps_an_acknowledged_version(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    """v1 is acknowledged (queued; S3 refuses its PUT for now). v2 of the same path is being closed
+    when the daemon is killed, as soon as v2's copy has replaced v1's in data/ (before the index
+    records v2). After the remount the bucket must end with v1 or v2, never neither."""
+    MiB = 1024 * 1024
+    m = through(make_mount, proxy)
+    outcomes: list[str] = []
+    for attempt in range(4):
+        rel = f"local_thumbnails/ab/cd/efgh/{attempt}-{attempt}-image-png-crop"
+        v1, v2 = os.urandom(3 * MiB), os.urandom(3 * MiB)
+        with proxy.fault("http_503", only="PUT /" + m.bucket + "/local_thumbnails/"):
+            write(m, rel, v1)
+            copy = cached_copy(m, rel)
+            first = copy.stat().st_ino
+            killed = threading.Event()
+
+            def watch(copy: Path = copy, first: int = first, killed: threading.Event = killed) -> None:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(copy).st_ino != first:  # v2's copy was renamed into data/
+                            m.kill()
+                            killed.set()
+                            return
+
+            t = threading.Thread(target=watch)
+            t.start()
+            with contextlib.suppress(OSError):  # the daemon dies under the writer
+                write(m, rel, v2)
+            t.join(30)
+            if not killed.is_set():
+                m.kill()
+        m.start()
+        assert wait_until(lambda: queue_empty(m), 60), mount_status(m)
+        got = bucket_objects(s3, m.bucket).get(rel)
+        outcomes.append("v1" if got == v1 else "v2" if got == v2 else "none" if got is None else "other")
+    assert all(o in ("v1", "v2") for o in outcomes), f"{outcomes}\n{m.log_tail(30)}"
+    assert "v1" in outcomes, f"no kill landed before v2 was recorded: {outcomes}"

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
 
-from s3cachefs.s3 import SyncS3
+from s3cachefs.s3 import S3, IntegrityError, SyncS3
 
 from .harness import MakeMount, Mount, S3Server, wait_until
 
@@ -166,3 +167,30 @@ def test_a_put_whose_md5_taken_as_written_is_wrong_is_made_again_with_the_whole_
         assert obj["Body"].read() == data
         assert obj["ETag"].strip('"') == info.md5
         s3.delete_object(Bucket=bucket, Key=key)
+
+
+@pytest.mark.parametrize("size", [300_000, 11 * 1024 * 1024], ids=["one_put", "multipart"])
+def test_an_upload_told_the_md5_its_file_was_checked_to_have_stores_nothing_else(
+    s3server: S3Server, bucket: str, s3: S3Client, tmp_path: Path, size: int
+) -> None:
+    """A queued upload's cached copy, checked against its MD5, then changed (damage, tampering)
+    before the upload reads it: put_file(expect_md5=...) fails, and the bucket gets nothing."""
+    path = tmp_path / "f"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    checked = hashlib.md5(data[:-1] + bytes([data[-1] ^ 1])).hexdigest()  # before one byte changed
+    part = 5 * 1024 * 1024
+    client = S3(
+        s3server.options(bucket, multipart_threshold=part, multipart_chunksize=part), trio.CapacityLimiter(4)
+    )
+
+    async def refused() -> None:
+        with pytest.raises(IntegrityError, match="changed since it was checked"):
+            await client.put_file("k", str(path), expect_md5=checked)
+
+    trio.run(refused)
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the refused upload was aborted"
+    info = trio.run(lambda: client.put_file("k", str(path), expect_md5=hashlib.md5(data).hexdigest()))
+    assert info.md5 == hashlib.md5(data).hexdigest()
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == data

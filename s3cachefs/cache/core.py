@@ -17,7 +17,7 @@ import trio
 
 from ..index import ROOT_INO, Index, Node, State, count_files, split_key_path
 from ..metrics import Gauges, Metrics
-from ..s3 import S3
+from ..s3 import S3, ObjectInfo, md5_file
 from . import states
 from .download import Downloads
 from .evict import Evictor
@@ -75,7 +75,10 @@ class Cache:
         Data files of evicted rows that a crash left behind are removed by the reaper (run_reaper).
         """
         for p in self.store.tmp_dir.iterdir():
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:  # a directory someone made there: not ours to remove, nor to stop on
+                log.warning("cannot remove %s from the cache directory (left there): %s", p, e)
         fingerprint = self.policies.fingerprint()
         if self.index.get_meta("policy") != fingerprint:
             started = time.monotonic()
@@ -86,7 +89,33 @@ class Cache:
                 "applied cache policies in %.1fs (%d class values changed)", time.monotonic() - started, n
             )
         self.store.pending_bytes = self.index.doomed_bytes()
+        self._restore_kept()
         states.orphaned(self.store)
+
+    def _restore_kept(self) -> None:
+        """keep/ holds a queued version that a crash caught while a newer one was replacing it in
+        data/ (Writes._commit_queued). If the index still names it (by its MD5: the newer one was
+        never committed), it goes back to data/, before orphaned() queues it again; otherwise it is
+        dropped."""
+        for p in self.store.keep_dir.iterdir():
+            try:
+                ino = int(p.name) if p.name.isdigit() else None
+                if (
+                    ino is not None
+                    and p.is_file()
+                    and not p.is_symlink()
+                    and self.index.get(ino) is not None
+                    and md5_file(str(p)) == self.index.get_md5(ino)
+                ):
+                    log.info(
+                        "restoring the queued version of %s that a crash left in keep/",
+                        self.index.relpath(ino),
+                    )
+                    self.store.restore_kept(ino)
+                else:
+                    p.unlink()
+            except OSError as e:  # a directory someone made there: not ours to remove, nor to stop on
+                log.warning("cannot remove %s from the cache directory (left there): %s", p, e)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The cache's background work, started with nursery.start: the index's checkpoints, the
@@ -216,17 +245,26 @@ class Cache:
     def index_write(self, change: Change, durable: bool = False) -> None:
         self.space.index_write(change, durable)
 
-    def renamed_while_written(self, ino: int) -> None:
-        """The file is renamed while open for writing (Namespace._rename_written): what S3 holds
-        under its old name no longer backs it, so its writer has no earlier version to go back to,
-        and its next close uploads the whole file (states.unsent)."""
+    def renamed_while_written(self, ino: int, moved: ObjectInfo | None = None) -> None:
+        """The file is renamed while open for writing (Namespace._rename_written).
+
+        moved: S3's version was copied to the new name; it is still what the writer goes back to.
+        Otherwise what S3 holds under the old name no longer backs the file: its writer has no
+        earlier version, and its next close uploads the whole file (states.unsent). Either way a
+        write not yet committed is settled at the last release if no close follows (the file may
+        have been closed already, and still be mapped)."""
         w = self.store.writers.get(ino)
         if w is not None:
-            w.prev, w.was_cached, w.was_queued = None, False, False
             # A pipelined multipart upload runs under the old name: abandon it (the close uploads
             # the whole file under the new one).
             self.writes.drop_pipeline(w)
+            if moved is not None:
+                w.prev = (moved.size, moved.etag)
+                w.settle_at_release = w.settle_at_release or w.dirty
+                return
+            w.prev, w.was_cached, w.was_queued = None, False, False
             self.writes.mark_dirty(w)
+            w.settle_at_release = True
         states.unsent(self.store, ino)
         self.queue.wake()
 

@@ -237,6 +237,12 @@ def _list_dir(path: str) -> list[str]:
 
 
 def _unlink_all(paths: list[str]) -> None:
-    """Worker thread: unlink files nobody else refers to (in trash/)."""
+    """Worker thread: unlink files nobody else refers to (in trash/).
+
+    What cannot be unlinked (a directory someone put in the cache directory, where a data file was or
+    in trash/) is left there with a warning: the reaper's failure must not end the mount."""
     for path in paths:
-        unlink_quiet(path)
+        try:
+            unlink_quiet(path)
+        except OSError as e:
+            log.warning("cannot remove %s from the cache directory (left there): %s", path, e)

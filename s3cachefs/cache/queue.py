@@ -221,7 +221,10 @@ class Queue:
                         states.demoted(self.store, ino)
                     return
                 mark = self.index.last_delete_id()
-                info = await self.s3.put_file(self.store.prefix + rel, f"/proc/self/fd/{fd}")
+                # Sent only as checked: a copy changed since (damage, tampering) is refused.
+                info = await self.s3.put_file(
+                    self.store.prefix + rel, f"/proc/self/fd/{fd}", expect_md5=expected
+                )
             finally:
                 os.close(fd)
             if info.md5 is not None and info.md5 != expected:

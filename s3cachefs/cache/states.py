@@ -48,6 +48,9 @@ What survives a crash (kill -9, power loss):
 - WRITING rows found at mount belong to writes whose close() never returned success: orphaned()
   reverts them to the S3 version they had (REMOTE) or removes them if there was none. The staging
   files in tmp/ are deleted. Nothing was ever PUT for them, so S3 holds no partial object.
+- queued() of a file whose earlier version is still queued: that version's data file is kept in
+  keep/ (a hard link) until the commit (Writes._commit_queued); at mount, Cache.recover moves it
+  back to data/ if the row still has its MD5, before orphaned() requeues it.
 - evicted() commits the rows (REMOTE, or removed if local-only) together with their entries in the
   index's `doomed` table, and only then are the data files removed. A file left in data/ by a crash
   in between belongs to a REMOTE row, which is never read from data/ (a later download renames its

@@ -170,6 +170,9 @@ class Writer:
     dirty: bool = True
     committed: bool = False
     unlinked: bool = False
+    # Changed with no handle's close to follow (a rename, a truncate(path)): the last release
+    # uploads it if no close did.
+    settle_at_release: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
     # Pipelined upload: while every write so far continued where the last one ended, full parts go
     # up as they are written (see write.Writes.wrote); any other write or a truncate turns this off.
@@ -225,6 +228,9 @@ class Store:
         self.data_dir = root / "data"
         self.tmp_dir = root / "tmp"
         self.trash_dir = root / "trash"
+        # A queued version about to be replaced in data/ by a newer one, until the index records
+        # that (Writes._commit_queued, Cache.recover).
+        self.keep_dir = root / "keep"
         self.index = index
         self.prefix = prefix
         self.clock = clock
@@ -266,7 +272,7 @@ class Store:
         self.queued_bytes = index.queued_bytes()  # bytes of QUEUED rows (the queue's bound)
         # Also counted by the metrics (metrics.Stats).
         self.stats: Counter[str] = (metrics if metrics is not None else Metrics()).stats()
-        for d in (self.data_dir, self.tmp_dir, self.trash_dir):
+        for d in (self.data_dir, self.tmp_dir, self.trash_dir, self.keep_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             if d.is_symlink():  # mkdir(exist_ok) accepts a symlink to a directory: never follow one
                 raise OSError(errno.ELOOP, f"{d} is a symbolic link; refusing to follow it")
@@ -286,6 +292,21 @@ class Store:
 
     def unlink_data(self, ino: int) -> None:
         unlink_quiet(self.data_path(ino))
+
+    def keep_path(self, ino: int) -> str:
+        return f"{self.keep_dir}/{ino}"
+
+    def restore_kept(self, ino: int) -> None:
+        """Put the version kept in keep/ back in data/ (durably): the newer one never got committed."""
+        try:
+            self.place(self.keep_path(ino), ino)
+        except FileNotFoundError:
+            return  # nothing was kept (no older version was in data/)
+        fd = os.open(os.path.dirname(self.data_path(ino)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def tmp(self, kind: str, ino: int) -> str:
         return f"{self.tmp_dir}/{kind}-{ino}-{secrets.token_hex(4)}"

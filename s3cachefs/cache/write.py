@@ -14,6 +14,7 @@ first await, and later opens wait for it and then join the writer it registered.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -104,6 +105,9 @@ class Writes:
         try:
             if not truncate and node.state in (State.REMOTE, *IN_CACHE) and node.size > 0:
                 src = await self.downloads.fetch(node.ino)
+                # Checked against its MD5 as a read's first look is: the next close() would upload
+                # a damaged copy built on here.
+                src = await self.downloads.verify(node.ino, src)
                 try:
                     await trio.to_thread.run_sync(_copy_fd, src, fd, limiter=self.disk)
                 finally:
@@ -216,58 +220,67 @@ class Writes:
 
         defer_empty: a close() (FLUSH) or a truncate(path) may leave an empty file to a later close
         of another descriptor; an fsync() always settles the file."""
-        store = self.store
         async with w.lock:
-            if w.failed is not None:
-                raise OSError(w.failed, "an earlier write to this file failed; nothing was uploaded")
-            if not w.dirty or w.unlinked:
-                return
-            generation = w.generation
-            # The index must be able to record the result before S3 is changed (a full cache disk
-            # fails here, with nothing done), so that S3 and the index cannot disagree.
-            self.space.index_writable()
-            rel = self.index.relpath(w.ino)
-            klass = self.policies.klass(rel)
-            if klass.local_only:
-                await self._commit_local(w, generation)
-                return
-            size = os.fstat(w.fd).st_size
-            if size == 0 and defer_empty and (w.handles > 1 or await self._held_elsewhere(w, rel)):
-                # Empty, and another descriptor is open for writing: its close settles the file (with
-                # its data, or as an empty object). A file still empty at its last close is a real
-                # 0-byte object, put below like any other, so that an error reaches that close().
-                # Another descriptor is either another open (another handle) or a dup()ed or
-                # inherited copy of this one, which FUSE cannot see (holders.py): a shell's
-                # `cmd > file` closes its first descriptor before the data comes.
-                return
-            if klass.async_upload and self.queue.admits(size):
-                await self._commit_queued(w, generation)
-                return
-            # One S3 change of this key at a time (queue.KeyLocks): a queued DELETE of an older file
-            # at this name runs before this PUT or not at all.
-            async with self.queue.keys.hold(rel):
-                mark = self.index.last_delete_id()
-                # Uploads read the file in worker threads; the size at this moment is what gets committed.
-                info = await self._finish_pipeline(w)
-                if info is None:
-                    # A copy: writes through another descriptor may go on while the PUT runs.
-                    head = (w.md5.copy(), w.seq_end) if w.md5 is not None else None
-                    info = await self.s3.put_file(store.prefix + rel, w.path, head)
-                if w.unlinked:
-                    # Unlinked while the upload ran: its row is gone, and the DELETE the unlink
-                    # queued runs after this PUT (the key's lock), so nothing is left in S3.
-                    return
-                assert self.index.get(w.ino) is not None, "a written file's row is only removed by unlink"
-                self.evictor.make_room(info.size)
-                w.path = store.place(w.path, w.ino)
-                w.staging_is_data, w.was_queued = True, False
-                states.cached(
-                    store, self.space.index_write, w.ino, info.size, info.etag, w.mtime_ns, info.md5, mark
-                )
-            w.prev = (info.size, info.etag)
-            self._committed(w, generation)
-            store.stats["uploads"] += 1
-            store.stats["uploaded_bytes"] += info.size
+            while not await self._upload(w, defer_empty):
+                pass  # renamed while it waited for the old name's key: again, under the new name
+
+    async def _upload(self, w: Writer, defer_empty: bool) -> bool:
+        """upload() with the writer's lock held. False: the file was renamed while this waited for
+        its key, nothing was done."""
+        store = self.store
+        if w.failed is not None:
+            raise OSError(w.failed, "an earlier write to this file failed; nothing was uploaded")
+        if not w.dirty or w.unlinked:
+            return True
+        generation = w.generation
+        # The index must be able to record the result before S3 is changed (a full cache disk
+        # fails here, with nothing done), so that S3 and the index cannot disagree.
+        self.space.index_writable()
+        rel = self.index.relpath(w.ino)
+        klass = self.policies.klass(rel)
+        if klass.local_only:
+            await self._commit_local(w, generation)
+            return True
+        size = os.fstat(w.fd).st_size
+        if size == 0 and defer_empty and (w.handles > 1 or await self._held_elsewhere(w, rel)):
+            # Empty, and another descriptor is open for writing: its close settles the file (with
+            # its data, or as an empty object). A file still empty at its last close is a real
+            # 0-byte object, put below like any other, so that an error reaches that close().
+            # Another descriptor is either another open (another handle) or a dup()ed or
+            # inherited copy of this one, which FUSE cannot see (holders.py): a shell's
+            # `cmd > file` closes its first descriptor before the data comes.
+            return True
+        if klass.async_upload and self.queue.admits(size):
+            await self._commit_queued(w, generation)
+            return True
+        # One S3 change of this key at a time (queue.KeyLocks): a queued DELETE of an older file
+        # at this name runs before this PUT or not at all.
+        async with self.queue.keys.hold(rel):
+            if self.index.get(w.ino) is not None and self.index.relpath(w.ino) != rel:
+                return False  # renamed while this waited (Namespace._rename_written)
+            mark = self.index.last_delete_id()
+            # Uploads read the file in worker threads; the size at this moment is what gets committed.
+            info = await self._finish_pipeline(w)
+            if info is None:
+                # A copy: writes through another descriptor may go on while the PUT runs.
+                head = (w.md5.copy(), w.seq_end) if w.md5 is not None else None
+                info = await self.s3.put_file(store.prefix + rel, w.path, head)
+            if w.unlinked:
+                # Unlinked while the upload ran: its row is gone, and the DELETE the unlink
+                # queued runs after this PUT (the key's lock), so nothing is left in S3.
+                return True
+            assert self.index.get(w.ino) is not None, "a written file's row is only removed by unlink"
+            self.evictor.make_room(info.size)
+            w.path = store.place(w.path, w.ino)
+            w.staging_is_data, w.was_queued = True, False
+            states.cached(
+                store, self.space.index_write, w.ino, info.size, info.etag, w.mtime_ns, info.md5, mark
+            )
+        w.prev = (info.size, info.etag)
+        self._committed(w, generation)
+        store.stats["uploads"] += 1
+        store.stats["uploaded_bytes"] += info.size
+        return True
 
     async def _held_elsewhere(self, w: Writer, rel: str) -> bool:
         name = rel.rsplit("/", 1)[-1]
@@ -285,17 +298,38 @@ class Writes:
         the queued bytes."""
         store = self.store
         place = functools.partial(store.place, ino=w.ino)
+        # data/<ino> may hold a version an earlier close() acknowledged, its upload still queued:
+        # the row names that version (its MD5) until the commit below. It is kept (a hard link in
+        # keep/) until then, so that a crash or a failed commit in between goes back to it rather
+        # than to this copy under the older version's MD5, which the uploader would refuse as
+        # damaged, losing both (Cache.recover puts a kept version back after a crash).
+        keep = store.keep_path(w.ino) if self.index.queued_upload(w.ino) is not None else None
         md5, size, path = await trio.to_thread.run_sync(
-            _copy_place_durably, w.fd, store.tmp("queue", w.ino), place, limiter=self.disk
+            _copy_place_durably,
+            w.fd,
+            store.tmp("queue", w.ino),
+            place,
+            store.data_path(w.ino),
+            keep,
+            limiter=self.disk,
         )
         if w.unlinked:
             # Unlinked (or dropped) while the copy ran: its row is gone and whatever it had in data/
             # was removed before the rename put this copy there. Inode numbers are not reused within
             # a mount, so the path is still this copy's.
             unlink_quiet(path)
+            if keep is not None:
+                unlink_quiet(keep)
             return
         self.evictor.make_room(size)
-        states.queued(store, self.space.durable_write, w.ino, size, w.mtime_ns, md5)
+        try:
+            states.queued(store, self.space.durable_write, w.ino, size, w.mtime_ns, md5)
+        except BaseException:
+            if keep is not None:
+                store.restore_kept(w.ino)
+            raise
+        if keep is not None:
+            unlink_quiet(keep)
         w.was_queued, w.queued_size, w.staging_is_data = True, size, False
         self._committed(w, generation)
         store.stats["queued_uploads"] += 1
@@ -422,13 +456,20 @@ class Writes:
         w.closing = trio.Event()
         try:
             self.drop_pipeline(w)
-            if w.failed is None and w.dirty and not w.unlinked and os.fstat(w.fd).st_size == 0:
-                # Emptied, and no close() settled it (the last close's flush saw another write
-                # handle, released since): the last release does it, with errors only logged.
+            if (
+                w.failed is None
+                and w.dirty
+                and not w.unlinked
+                and (w.settle_at_release or os.fstat(w.fd).st_size == 0)
+            ):
+                # Changed, and no close() settled it: emptied (the last close's flush saw another
+                # write handle, released since), or renamed or truncated by path after the last
+                # close began (settle_at_release). The last release does it, with errors only
+                # logged: nobody is left to tell.
                 try:
                     await self.upload(w)
                 except (S3Error, OSError, sqlite3.Error) as e:
-                    log.warning("could not store %s after it was emptied: %s", self.store.key(w.ino), e)
+                    log.warning("could not store %s at its last release: %s", self.store.key(w.ino), e)
         finally:
             try:
                 removed = self._retire(w)
@@ -491,13 +532,24 @@ def _copy_durably(src: int, dst: str) -> str:
         os.close(fd)
 
 
-def _copy_place_durably(src: int, tmp: str, place: Callable[[str], str]) -> tuple[str, int, str]:
+def _copy_place_durably(
+    src: int, tmp: str, place: Callable[[str], str], data: str, keep: str | None
+) -> tuple[str, int, str]:
     """Worker thread: copy the file behind fd `src` to `tmp` and fsync it, move it into data/ with
     `place` (a rename: it touches no shared state), and fsync that directory. Returns (MD5, size,
-    path in data/)."""
+    path in data/).
+
+    keep: where to hard-link `data`, the file `place` is about to replace, durably, before it does
+    (its directory fsynced: the link must outlive the rename after a crash)."""
     try:
         md5 = _copy_durably(src, tmp)
         size = os.stat(tmp).st_size
+        if keep is not None:
+            unlink_quiet(keep)  # left by a failed attempt
+            # No older version in data/ (lost, or wiped): nothing to keep.
+            with contextlib.suppress(FileNotFoundError):
+                os.link(data, keep)
+            _fsync_dir(os.path.dirname(keep))
         path = place(tmp)
     finally:
         unlink_quiet(tmp)  # gone already once placed

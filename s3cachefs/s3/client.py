@@ -38,7 +38,17 @@ from .errors import (
     outcome_of,
     s3_answered,
 )
-from .sync import Head, Part, SyncS3, info_of_head, make_client, md5_file, mtime_ns_of, parts_of
+from .sync import (
+    Head,
+    Part,
+    SyncS3,
+    info_of_head,
+    make_client,
+    md5_and_part_digests,
+    md5_file,
+    mtime_ns_of,
+    parts_of,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -333,7 +343,9 @@ class S3:
 
     # -- data ---------------------------------------------------------------------------------------
 
-    async def put_file(self, key: str, path: str, head: Head | None = None) -> ObjectInfo:
+    async def put_file(
+        self, key: str, path: str, head: Head | None = None, expect_md5: str | None = None
+    ) -> ObjectInfo:
         """Upload the file at `path` to `key`; returns once S3 holds the complete object.
 
         Below the multipart threshold: one PUT with Content-MD5 (`head`, if given: the MD5 of the
@@ -341,23 +353,37 @@ class S3:
         SyncS3.put_single). Above: a multipart upload whose parts each carry Content-MD5; any failure
         aborts it, so no partial object can ever become visible. Either way the whole upload has one
         deadline, for the file's size (the abort after a failure is outside it).
+
+        expect_md5: the MD5 the caller checked the file to have (a queued upload: its cached copy
+        may change under it only by damage or tampering). Nothing else is stored: the upload fails
+        with IntegrityError if the bytes sent are not those.
         """
         size = os.stat(path).st_size
         if not self.sync.is_multipart(size):
-            put = functools.partial(self.sync.put_single, key, path, head)
+            put = functools.partial(self.sync.put_single, key, path, head, expect_md5)
             info = await self._run(f"PUT {key}", put, size)
             self.metrics.s3_sent_bytes.inc(info.size)
             return info
-        return await self._put_multipart(key, path, size)
+        return await self._put_multipart(key, path, size, expect_md5)
 
-    async def _put_multipart(self, key: str, path: str, size: int) -> ObjectInfo:
+    async def _put_multipart(self, key: str, path: str, size: int, expect_md5: str | None) -> ObjectInfo:
         mpu = MultipartUpload(self, key, until=self.deadline(size).at)
         await mpu.start()
         whole: list[str] = []
+        digests: list[bytes] = []
 
         async def hash_task() -> None:
             # The parts are hashed one by one for Content-MD5; the cache wants the whole file's MD5.
-            whole.append(await trio.to_thread.run_sync(md5_file, path, limiter=self.limiter))
+            if expect_md5 is None:
+                whole.append(await trio.to_thread.run_sync(md5_file, path, limiter=self.limiter))
+                return
+            # Checked: this pass's MD5 is the expected one, and every part sent is the bytes this
+            # pass read (the parts read the file again, each on its own).
+            md5, parts = await trio.to_thread.run_sync(
+                md5_and_part_digests, path, size, self.opts.multipart_chunksize, limiter=self.limiter
+            )
+            whole.append(md5)
+            digests.extend(parts)
 
         try:
             with first_error():
@@ -365,6 +391,13 @@ class S3:
                     nursery.start_soon(hash_task)
                     for number, offset, length in parts_of(size, self.opts.multipart_chunksize):
                         nursery.start_soon(mpu.upload_part, number, path, offset, length)
+            if expect_md5 is not None and (
+                whole[0] != expect_md5 or [mpu.parts[n + 1].md5 for n in range(len(digests))] != digests
+            ):
+                raise IntegrityError(
+                    f"PUT {key}: the file changed since it was checked (MD5 {whole[0]}, expected"
+                    f" {expect_md5}); the upload is aborted"
+                )
             etag = await mpu.complete()
         except BaseException:
             await mpu.abort()

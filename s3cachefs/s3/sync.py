@@ -98,6 +98,23 @@ def multipart_etag_of_file(path: str, part_size: int) -> str:
     return multipart_etag(digests)
 
 
+def md5_and_part_digests(path: str, size: int, part_size: int) -> tuple[str, list[bytes]]:
+    """The whole file's MD5 (hex) and the MD5 digest of each of its parts as parts_of lays them out,
+    in one pass."""
+    whole = hashlib.md5()
+    digests = []
+    with open(path, "rb") as f:
+        for _, _, length in parts_of(size, part_size):
+            part = hashlib.md5()
+            left = length
+            while left and (chunk := f.read(min(_READ_CHUNK, left))):
+                whole.update(chunk)
+                part.update(chunk)
+                left -= len(chunk)
+            digests.append(part.digest())
+    return whole.hexdigest(), digests
+
+
 def parts_of(size: int, part_size: int) -> Iterator[tuple[int, int, int]]:
     """(part number, offset, length) of each part of a multipart upload of `size` bytes. The part size
     is doubled until the file needs at most MAX_PARTS parts, the most S3 accepts in one upload."""
@@ -254,14 +271,20 @@ class SyncS3:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def put_single(self, key: str, path: str, head: Head | None = None) -> ObjectInfo:
+    def put_single(
+        self, key: str, path: str, head: Head | None = None, expect_md5: str | None = None
+    ) -> ObjectInfo:
         """One PUT of the file at `path` with its Content-MD5 (for files below the multipart threshold).
 
         head: (MD5 of the file's first n bytes, n), hashed from the writer's buffers as they were
         written (cache/write.py); only the bytes after them are hashed here. A write out of sequence
         through another descriptor while this runs could make it wrong for the bytes read here: S3
         then refuses the PUT (BadDigest), or, where the ETag is an MD5, answers another one; either
-        way the PUT is made again with the whole file hashed here."""
+        way the PUT is made again with the whole file hashed here.
+
+        expect_md5: the MD5 the file was checked to have (a queued upload's): bytes read here that
+        differ (the file changed since) are not sent, and a body that changes while it is sent does
+        not match its Content-MD5, which S3 refuses."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if head is not None and head[1] > size:
@@ -283,6 +306,11 @@ class SyncS3:
                     size += len(chunk)
                 f.seek(0)
                 body = f
+            if expect_md5 is not None and md5.hexdigest() != expect_md5:
+                raise IntegrityError(
+                    f"PUT {key}: the file changed since it was checked (MD5 {md5.hexdigest()}, expected"
+                    f" {expect_md5}); not sent"
+                )
             # botocore rewinds a seekable body before each retry, so retries resend the same bytes.
             try:
                 r = self.call(
