@@ -225,6 +225,8 @@ class Namespace:
                 if split_key_path(o.key[len(dir_prefix) :]) is None or b"/" in name:
                     continue
                 rel = o.key[len(self.prefix) :]
+                if self.cache.klass(rel).local_only:
+                    continue
                 gone = self._deleted(rel) or self.cache.deleted_since(rel, asked)
                 if self.index.lookup(ino, name) is None and not gone:
                     self._add_object(ino, name, rel, o)
@@ -492,6 +494,10 @@ class Namespace:
         if not o.key.startswith(self.prefix):
             return
         rel = o.key[len(self.prefix) :]
+        if self.cache.klass(rel).local_only:
+            # A local-only path's files live in the cache alone (as in lookup): an object under it
+            # would replace what was written through the mount, and bring back what was unlinked.
+            return
         # "a/b/" is a directory marker left by other tools (s3fs, the S3 console): show the directory.
         marker = rel.endswith("/")
         parts = split_key_path(rel[:-1] if marker else rel)
@@ -670,6 +676,20 @@ class Namespace:
             src = self.index.get(src.ino)
             if src is None:
                 return
+            md5 = self.index.get_md5(src.ino)
+            same = info.size == src.size and (
+                info.etag == src.etag or (md5 is not None and self.s3.etag_is_md5_of(info.etag, md5) is True)
+            )
+            if not same:
+                # S3 held another version than the index knew (replaced behind our back): the copy
+                # is of that one, so the cached copy of the old one must go, or the new name would
+                # serve it under the new ETag (which the listing then finds matching) for good.
+                log.info("%s was replaced behind our back; renamed as S3 holds it", src_rel)
+                self.cache.replaced(src.ino, info.size, info.etag, info.mtime_ns, self.index.listing_gen)
+                self.on_changed(src.ino, None)
+                src = self.index.get(src.ino)
+                if src is None:
+                    return
             self._move_file_row(src, src_rel, p_new, n_new, dst_rel, dst_k, info, mark)
 
     async def _rename_written(self, src: Node, p_new: int, n_new: bytes) -> bool:

@@ -656,3 +656,37 @@ def test_kill_9_after_renaming_a_file_open_for_writing_keeps_its_acknowledged_by
     assert bucket_objects(s3, m.bucket) == {new: data}
     assert (m.path / new).read_bytes() == data
     assert not (m.path / old).exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
+def test_a_data_file_replaced_by_a_fifo_directory_or_symlink_is_fetched_again_without_blocking_the_mount(
+    make_mount: MakeMount, tmp_path: Path, kind: str
+) -> None:
+    m = make_mount()
+    victim, other = m.path / "local_content/ab/cd/victim", m.path / "local_content/ab/cd/other"
+    store_like_synapse(victim, b"victim bytes")
+    store_like_synapse(other, b"other bytes")
+    copy = cached_copy(m, "local_content/ab/cd/victim")
+    m.unmount()
+    copy.unlink()
+    if kind == "fifo":
+        os.mkfifo(copy, 0o600)  # a plain open() of it would wait for a writer, for ever
+    elif kind == "directory":
+        copy.mkdir(0o700)
+    else:
+        (tmp_path / "elsewhere").write_bytes(b"XXXXXX bytes")  # same length
+        copy.symlink_to(tmp_path / "elsewhere")
+    m.start()
+    reader = subprocess.Popen(["cat", str(victim)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        out, _ = reader.communicate(timeout=30)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            if kind == "fifo":  # let a stuck daemon go on, so that the test's teardown can unmount
+                fd = os.open(copy, os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+    assert out == b"victim bytes"
+    assert other.read_bytes() == b"other bytes"
+    assert "cached copy of local_content/ab/cd/victim" in m.log_text()
+    assert m.running

@@ -382,3 +382,46 @@ def test_a_listing_page_asked_for_before_this_mounts_upload_does_not_bring_back_
         assert read_or_errno(path) == new
         assert "replaced behind our back" not in m.log_text(), m.log_tail()
         m.unmount()
+
+
+def listings(m: Mount) -> int:
+    return m.log_text().count("INFO s3cachefs.namespace: listed ")
+
+
+def test_a_cached_file_replaced_outside_then_renamed_serves_the_object_under_the_new_name(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    # Same size: the cached copy's length cannot tell. The rename copies what S3 holds now.
+    old, new = b"A" * 5000, b"B" * 5000
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/src", Body=old)
+    m = make_mount(bucket=bucket, extra_args=["--relist-interval", "2"])
+    assert wait_until(lambda: listings(m) >= 1, 30)
+    assert (m.path / "local_content/ab/cd/src").read_bytes() == old  # cached
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/src", Body=new)
+    os.rename(m.path / "local_content/ab/cd/src", m.path / "local_content/ab/cd/dst")
+    assert bucket_objects(s3, bucket) == {"local_content/ab/cd/dst": new}
+    assert (m.path / "local_content/ab/cd/dst").read_bytes() == new
+    n = listings(m)
+    assert wait_until(lambda: listings(m) >= n + 2, 30)  # relistings find nothing to correct
+    m.unmount()
+    m.start()
+    assert (m.path / "local_content/ab/cd/dst").read_bytes() == new
+
+
+def test_objects_under_a_local_only_path_never_replace_or_bring_back_the_mounts_files(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    # url_cache/ is local-only (never uploaded): keys there, from another tool, are not the mount's.
+    s3.put_object(Bucket=bucket, Key="url_cache/ab/f", Body=b"s3 version")
+    s3.put_object(Bucket=bucket, Key="url_cache/ab/g", Body=b"s3 only")
+    m = make_mount(bucket=bucket, extra_args=["--relist-interval", "2"])
+    assert wait_until(lambda: listings(m) >= 1, 30)
+    os.makedirs(m.path / "url_cache/ab", exist_ok=True)
+    (m.path / "url_cache/ab/f").write_bytes(b"written through the mount")
+    (m.path / "url_cache/ab/h").write_bytes(b"also")
+    os.unlink(m.path / "url_cache/ab/h")
+    n = listings(m)
+    assert wait_until(lambda: listings(m) >= n + 2, 30)
+    assert (m.path / "url_cache/ab/f").read_bytes() == b"written through the mount"
+    assert sorted(os.listdir(m.path / "url_cache/ab")) == ["f"]
+    assert bucket_objects(s3, bucket)["url_cache/ab/f"] == b"s3 version", "local-only: never uploaded"

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -67,20 +68,23 @@ class Downloads:
         if node.state not in IN_CACHE:
             return None
         try:
-            fd = os.open(self.store.data_path(node.ino), os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_data_file(self.store.data_path(node.ino))
         except FileNotFoundError:
             states.demoted(self.store, node.ino)
             return None
-        if os.fstat(fd).st_size != node.size:
+        except OSError as e:  # a symlink put there (ELOOP), or anything else that is not our file
+            why = f"cannot be opened ({e})"
+        else:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size == node.size:
+                self.store.stats["hits"] += 1
+                return fd
             os.close(fd)
-            log.warning(
-                "cached copy of %s has the wrong length; fetching it again", self.index.relpath(node.ino)
-            )
-            states.demoted(self.store, node.ino)
-            self.store.unlink_data(node.ino)
-            return None
-        self.store.stats["hits"] += 1
-        return fd
+            why = "has the wrong length" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+        log.warning("cached copy of %s %s; fetching it again", self.index.relpath(node.ino), why)
+        states.demoted(self.store, node.ino)
+        self.store.clear_data(node.ino)
+        return None
 
     async def verify(self, ino: int, fd: int) -> int:
         """The first read of a cached file after a mount checks its bytes against the MD5 recorded
@@ -327,6 +331,13 @@ class Downloads:
             if not committed:
                 unlink_quiet(d.tmp)
             self.close(d)
+
+
+def open_data_file(path: str) -> int:
+    """Open a data file for reading without ever blocking the event loop or following a link: a FIFO
+    someone put in the cache directory would block a plain open until a writer came (O_NONBLOCK),
+    and a symlink would lead out of it (O_NOFOLLOW: ELOOP). The caller checks it is a regular file."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
 
 
 async def _nothing(ino: int) -> None:

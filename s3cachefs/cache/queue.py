@@ -22,8 +22,10 @@ upload at close() like the others (Writes.upload).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator
 
@@ -33,6 +35,7 @@ import trio
 from ..index import State
 from ..s3 import S3, CircuitOpen, S3Error, md5_fd
 from . import states
+from .download import open_data_file
 from .space import Space
 from .store import Store
 
@@ -209,9 +212,15 @@ class Queue:
             try:
                 # The queued version is this inode of data/<ino>: a later version of the file is a
                 # new file renamed over the name, so reading through the fd sends exactly one version.
-                fd = os.open(self.store.data_path(ino), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                states.demoted(self.store, ino)  # lost before it was sent (a wiped cache directory)
+                fd = open_data_file(self.store.data_path(ino))
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise OSError(errno.EINVAL, "not a regular file")
+            except OSError as e:
+                # Lost before it was sent (a wiped cache directory), or replaced by something else.
+                if not isinstance(e, FileNotFoundError):
+                    log.warning("queued upload of %s: its cached copy cannot be read (%s)", rel, e)
+                states.demoted(self.store, ino)
                 return
             try:
                 actual = await trio.to_thread.run_sync(md5_fd, fd, limiter=self.disk)

@@ -293,6 +293,16 @@ class Store:
     def unlink_data(self, ino: int) -> None:
         unlink_quiet(self.data_path(ino))
 
+    def clear_data(self, ino: int) -> None:
+        """Make room for a new data/<ino>, whatever is there: a directory someone put there cannot
+        be unlinked, nor renamed over, so it is moved to trash/ (where the reaper leaves what it
+        cannot remove, with a warning)."""
+        path = self.data_path(ino)
+        try:
+            unlink_quiet(path)
+        except IsADirectoryError:
+            os.rename(path, f"{self.trash_dir}/foreign-{ino}-{secrets.token_hex(4)}")
+
     def keep_path(self, ino: int) -> str:
         return f"{self.keep_dir}/{ino}"
 
