@@ -724,6 +724,18 @@ class Namespace:
                 return False
             if w.prev is not None and not src_k.local_only:
                 info = await self.s3.copy(self.prefix + src_rel, self.prefix + dst_rel, w.prev[0])
+                cur = self.index.get(src.ino)
+                if cur is None:
+                    # Unlinked during the copy (its DELETE is of the old name): the copy must go too.
+                    self.cache.index_write(
+                        lambda: self.index.queue_delete(dst_rel, time.time()), durable=True
+                    )
+                    return True
+                if cur.state != State.WRITING:
+                    # An async close committed (queued) the file meanwhile: the queue sends it under
+                    # the new name; the row keeps what that commit recorded.
+                    self._move_file_row(cur, src_rel, p_new, n_new, dst_rel, dst_k, queue_deletes=(src_rel,))
+                    return True
                 self.cache.renamed_while_written(src.ino, info)
                 self._move_file_row(
                     cur, src_rel, p_new, n_new, dst_rel, dst_k, info, mark, queue_deletes=(src_rel,)
