@@ -425,3 +425,19 @@ def test_objects_under_a_local_only_path_never_replace_or_bring_back_the_mounts_
     assert (m.path / "url_cache/ab/f").read_bytes() == b"written through the mount"
     assert sorted(os.listdir(m.path / "url_cache/ab")) == ["f"]
     assert bucket_objects(s3, bucket)["url_cache/ab/f"] == b"s3 version", "local-only: never uploaded"
+
+
+def test_a_cold_file_deleted_outside_fails_its_read_once_then_is_gone_without_a_listing(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    # No TTL, and the default relisting (hours away): the GET's 404 is what tells the mount.
+    s3.put_object(Bucket=bucket, Key="local_content/ab/cd/doomed", Body=b"soon gone")
+    m = make_mount(bucket=bucket)
+    assert wait_until(lambda: listings(m) >= 1, 30)
+    path = m.path / "local_content/ab/cd/doomed"
+    assert path.stat().st_size == len(b"soon gone")  # listed, not cached
+    s3.delete_object(Bucket=bucket, Key="local_content/ab/cd/doomed")
+    assert read_or_errno(path) == errno.EIO
+    assert wait_until(lambda: read_or_errno(path) == errno.ENOENT, 10)
+    assert "doomed" not in os.listdir(m.path / "local_content/ab/cd")
+    assert listings(m) == 1

@@ -6,7 +6,8 @@ short first range (its bytes come back sooner, and it tells the size and ETag) a
 ranged GETs, in order. Every GET carries If-Match with the ETag the index holds: the kernel was told
 that version's size, so the bytes of another version would be served cut to it, or mixed with the
 old version's pages. A 412 (s3.Changed) fails the download (its readers get EIO) once `on_changed`
-(Namespace.refresh) has taught the index the new version and had the kernel drop the old one. The
+(Namespace.refresh) has taught the index the new version and had the kernel drop the old one; a 404
+(s3.NotFound: deleted behind our back) likewise, and the name goes. The
 whole object's MD5 is checked against its ETag where the ETag is an MD5, then the file is renamed into
 data/ and the row becomes CACHED (states.cached).
 """
@@ -25,7 +26,17 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..index import IN_CACHE, Node, State
-from ..s3 import S3, Changed, IntegrityError, LocalWriteError, RangeResult, S3Error, first_error, md5_fd
+from ..s3 import (
+    S3,
+    Changed,
+    IntegrityError,
+    LocalWriteError,
+    NotFound,
+    RangeResult,
+    S3Error,
+    first_error,
+    md5_fd,
+)
 from . import states
 from .evict import Evictor
 from .space import Space
@@ -177,7 +188,7 @@ class Downloads:
         self.store.stats["direct_reads"] += 1
         try:
             return await self.s3.get_bytes(self.store.key(ino), off, size, node.etag)
-        except Changed:
+        except (Changed, NotFound):
             await self.on_changed(ino)
             raise
 
@@ -308,9 +319,10 @@ class Downloads:
         except trio.Cancelled as e:  # the mount is going down
             d.finish(e)
             raise
-        except Changed as e:
-            # Replaced behind our back since the index learnt its ETag. The index and the kernel
-            # learn the new version before the readers get EIO, so that a retry reads it whole.
+        except (Changed, NotFound) as e:
+            # Replaced (or deleted) behind our back since the index learnt its ETag. The index and
+            # the kernel learn the new version (or that there is none) before the readers get EIO,
+            # so that a retry reads it whole (or finds no such file), without waiting for a listing.
             log.warning("download of %s failed: %s", key, e)
             try:
                 await self.on_changed(d.ino)
