@@ -20,6 +20,9 @@ Modes, applied per request:
   garble     forward to the server, and relay its answer with the last byte of a 200's body flipped
              (headers, length and ETag untouched): bytes damaged on the way, which only a checksum
              shows. The answer is held until the server has sent all of it (bounded by max_answer)
+  rewrite    forward to the server, and relay its answer as `rewrite(request headers, answer head,
+             answer body)` returns it (the body de-chunked; Content-Length set again): a server
+             that answers something else than S3 would (held whole, as garble)
 With probability p < 1, each request gets the fault with probability p (seeded RNG: reproducible
 for a given sequence of requests) and is passed through otherwise.
 
@@ -47,10 +50,10 @@ import socket
 import struct
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 LOOPBACK = "127.0.0.1"
-MODES = ("pass", "http_500", "http_503", "drop", "reset_mid", "blackhole", "late", "garble")
+MODES = ("pass", "http_500", "http_503", "drop", "reset_mid", "blackhole", "late", "garble", "rewrite")
 _ERRORS = {
     "http_500": (500, "Internal Server Error", "InternalError", "We encountered an internal error."),
     "http_503": (503, "Service Unavailable", "SlowDown", "Please reduce your request rate."),
@@ -58,6 +61,8 @@ _ERRORS = {
 _HEAD_LIMIT = 64 * 1024
 _CHUNK = 64 * 1024
 _HOP_HEADERS = (b"connection", b"keep-alive", b"proxy-connection")
+# Mode "rewrite": (request headers, lower-cased names) x (answer head, answer body) -> (head, body).
+Rewrite = Callable[[dict[str, str], bytes, bytes], tuple[bytes, bytes]]
 
 
 class _Request:
@@ -95,6 +100,26 @@ class _Request:
             out.append(name + b": " + value)
         out.append(b"Connection: close")
         return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+def _rewritten(req: _Request, answer: bytes, rewrite: Rewrite) -> bytes:
+    """Mode "rewrite": the whole answer, its body de-chunked, through `rewrite`, with its length."""
+    at = answer.find(b"\r\n\r\n")
+    head, body = answer[:at], answer[at + 4 :]
+    lines = head.split(b"\r\n")
+    if any(ln.lower().startswith(b"transfer-encoding:") and b"chunked" in ln.lower() for ln in lines):
+        out, rest = bytearray(), body
+        while (n := int(rest[: rest.find(b"\r\n")].split(b";")[0], 16)) > 0:
+            start = rest.find(b"\r\n") + 2
+            out += rest[start : start + n]
+            rest = rest[start + n + 2 :]
+        body = bytes(out)
+    headers = {name.decode().lower(): value.decode() for name, value in req.headers}
+    head, body = rewrite(headers, head, body)
+    drop = (b"content-length", b"transfer-encoding", *_HOP_HEADERS)
+    lines = [ln for ln in head.split(b"\r\n") if ln.split(b":", 1)[0].strip().lower() not in drop]
+    lines += [b"Content-Length: %d" % len(body), b"Connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -140,6 +165,7 @@ class FaultProxy:
         # Only requests whose "METHOD target" contains this string get the fault (None: all).
         self._only: str | None = None
         self._delay = 0.0  # mode "late": how long an answer is held
+        self._rewrite: Rewrite | None = None  # mode "rewrite"
         self._rng = random.Random(seed)
         self._counts: Counter[str] = Counter()
         self._requests = 0
@@ -156,16 +182,25 @@ class FaultProxy:
     # -- control (any thread) -----------------------------------------------------------------------
 
     def set_mode(
-        self, mode: str, probability: float = 1.0, only: str | None = None, delay: float = 2.0
+        self,
+        mode: str,
+        probability: float = 1.0,
+        only: str | None = None,
+        delay: float = 2.0,
+        rewrite: Rewrite | None = None,
     ) -> None:
         """only: the fault applies to requests whose "METHOD target" contains this (e.g. "DELETE "
-        or "PUT /bucket/local_thumbnails/"); the others pass. delay: mode "late" only."""
+        or "PUT /bucket/local_thumbnails/"); the others pass. delay: mode "late" only. rewrite:
+        mode "rewrite" only (required there)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must be within [0, 1], got {probability}")
+        if (mode == "rewrite") != (rewrite is not None):
+            raise ValueError("mode 'rewrite' takes a rewrite function, and only it does")
         with self._lock:
             self._mode, self._probability, self._only, self._delay = mode, probability, only, delay
+            self._rewrite = rewrite
 
     @property
     def mode(self) -> tuple[str, float]:
@@ -174,10 +209,15 @@ class FaultProxy:
 
     @contextlib.contextmanager
     def fault(
-        self, mode: str, probability: float = 1.0, only: str | None = None, delay: float = 2.0
+        self,
+        mode: str,
+        probability: float = 1.0,
+        only: str | None = None,
+        delay: float = 2.0,
+        rewrite: Rewrite | None = None,
     ) -> Iterator[FaultProxy]:
         """Apply a mode for the duration of a with-block, then go back to `pass`."""
-        self.set_mode(mode, probability, only, delay)
+        self.set_mode(mode, probability, only, delay, rewrite)
         try:
             yield self
         finally:
@@ -288,6 +328,10 @@ class FaultProxy:
                     await self._forward(req, reader, writer, hold=delay)
                 elif mode == "garble":
                     await self._forward(req, reader, writer, garble=True)
+                elif mode == "rewrite":
+                    with self._lock:
+                        rewrite = self._rewrite
+                    await self._forward(req, reader, writer, rewrite=rewrite)
                 elif mode in _ERRORS:
                     await self._answer_error(mode, req, reader, writer)
                 elif mode == "drop" or (mode == "reset_mid" and (req.content_length == 0 or req.chunked)):
@@ -316,6 +360,7 @@ class FaultProxy:
         writer: asyncio.StreamWriter,
         hold: float = 0.0,
         garble: bool = False,
+        rewrite: Rewrite | None = None,
     ) -> None:
         up = await self._open_upstream()
         if up is None:
@@ -332,6 +377,15 @@ class FaultProxy:
                     await up_writer.drain()
 
             async def server_to_client() -> None:
+                if rewrite is not None:
+                    answer = bytearray()
+                    while data := await up_reader.read(_CHUNK):
+                        answer += data
+                        if len(answer) > self.max_answer:
+                            raise ConnectionError("rewrite: answer over max_answer")
+                    writer.write(_rewritten(req, bytes(answer), rewrite))
+                    await writer.drain()
+                    return
                 if garble:
                     # The server closes after its answer (Connection: close): all of it is here.
                     answer = bytearray()

@@ -24,6 +24,7 @@ from ..config import S3Options
 from ..metrics import Metrics
 from .breaker import PROBE_DEADLINE, PROBE_EVERY, Breaker, Deadline
 from .errors import (
+    Changed,
     CircuitOpen,
     DeadlineMissed,
     IntegrityError,
@@ -412,6 +413,7 @@ class S3:
         end: int | None,
         progress: Callable[[int], None],
         if_match: str | None = None,
+        size: int | None = None,
     ) -> RangeResult:
         """GET bytes [start, end] (end inclusive; None: the whole object, with no Range header) of
         `key` into `fd` at the same offsets, calling `progress(bytes so far)` in the event loop as
@@ -420,7 +422,10 @@ class S3:
         the last one is made before this returns.
 
         With `if_match`, S3 refuses (412) if the object is no longer that version: the parts of one
-        download never mix two versions of an object.
+        download never mix two versions of an object. `size`: what the index (and so the kernel)
+        says that version's size is; an answer of another size raises Changed (the refresh it leads
+        to learns the size S3 gives), before any byte is written, as does an answer to a ranged GET
+        that is not exactly the range asked for (a server may answer 200 and the whole object).
 
         The deadline is for the range's size; a GET of the whole object learns it from the answer.
         A thread abandoned at the deadline writes only into its own dup of `fd` (the caller closes
@@ -465,6 +470,17 @@ class S3:
                 token.run_sync_soon(sized, length)
             content_range = r.get("ContentRange")  # "bytes 0-8388607/20971520"
             total = int(content_range.rsplit("/", 1)[1]) if content_range else length
+            if size is not None and total != size:
+                raise Changed(f"GET {key}: the object has {total} bytes, the index said {size}")
+            if end is not None and (
+                not content_range
+                or content_range.split("/", 1)[0].strip() != f"bytes {start}-{min(end, total - 1)}"
+                or length != min(end, total - 1) - start + 1
+            ):
+                raise IntegrityError(
+                    f"GET {key}: asked for bytes {start}-{end}, got {length} bytes"
+                    f" ({content_range or 'no Content-Range'})"
+                )
             md5 = hashlib.md5() if end is None else None
             body = r["Body"]
             # Small first chunks get the first bytes to a waiting reader sooner (the kernel's first
