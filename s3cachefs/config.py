@@ -57,7 +57,10 @@ def parse_size(text: str | int, what: str = "size") -> int:
     unit = m.group(2).upper() if m else ""
     if not m or unit not in _SIZE_UNITS:
         raise ConfigError(f"{what}: expected a size such as 512M, 50G or 1T, got {text!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    value = float(m.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(value) or value >= 2**63:
+        raise ConfigError(f"{what}: too large, got {text!r}")
+    return int(value)
 
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -364,6 +367,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not found") from None
     except PermissionError:
         raise ConfigError(f"config file {path}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: invalid TOML: {e}") from None
     except OSError as e:
@@ -403,10 +408,12 @@ def _str(values: Mapping[str, Any], name: str) -> str | None:
         return None
     if not isinstance(v, str):
         raise ConfigError(f"{name}: expected a string, got {v!r}")
+    if "\x00" in v:
+        raise ConfigError(f"{name}: must not contain a NUL character")
     return v
 
 
-def _int(values: Mapping[str, Any], name: str, minimum: int) -> int | None:
+def _int(values: Mapping[str, Any], name: str, minimum: int, maximum: int = 2**31) -> int | None:
     v = values.get(name)
     if v is None:
         return None
@@ -416,6 +423,8 @@ def _int(values: Mapping[str, Any], name: str, minimum: int) -> int | None:
         raise ConfigError(f"{name}: expected a whole number, got {v!r}")
     if v < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {v}")
+    if v > maximum:
+        raise ConfigError(f"{name}: must be at most {maximum}, got {v}")
     return v
 
 
@@ -521,12 +530,14 @@ def build_config(values: Mapping[str, Any]) -> Config:
         ("max_attempts", 1),
         ("read_concurrency", 1),
     ):
-        n = _int(values, name, minimum)
+        n = _int(values, name, minimum, 10_000)
         if n is not None:
             s3_kwargs[name] = n
     for name in ("connect_timeout", "read_timeout"):
         secs = _seconds(values, name, positive=True)
         if secs is not None:
+            if secs > 86400:  # botocore turns a larger one into an error about time_t at the first call
+                raise ConfigError(f"{name}: must be at most a day (86400s), got {values[name]!r}")
             s3_kwargs[name] = secs
     deadline = _seconds(values, "s3_deadline", positive=True)
     if deadline is not None:
@@ -541,6 +552,10 @@ def build_config(values: Mapping[str, Any]) -> Config:
         )
     s3 = S3Options(**s3_kwargs)
     # S3 refuses parts under 5 MiB (except the last) and allows at most 10,000 parts.
+    # A download plans one entry per part: a part of 0 bytes never ends the plan, a tiny one makes
+    # it as long as the object.
+    if s3.read_part_size < 64 * 1024:
+        raise ConfigError(f"read_part_size: must be at least 64K, got {s3.read_part_size}")
     if s3.multipart_chunksize < 5 * 1024**2:
         raise ConfigError("multipart_chunksize: S3 needs parts of at least 5M")
     if s3.multipart_threshold < s3.multipart_chunksize:
@@ -578,8 +593,8 @@ def build_config(values: Mapping[str, Any]) -> Config:
         if values.get("read_ahead") is not None
         else 1024 * 1024,
         "allow_other": bool(_bool(values, "allow_other")),
-        "uid": _int(values, "uid", 0),
-        "gid": _int(values, "gid", 0),
+        "uid": _int(values, "uid", 0, 2**32 - 2),
+        "gid": _int(values, "gid", 0, 2**32 - 2),
         "log_level": log_level,
         "log_file": Path(log_file).absolute() if log_file else None,
     }

@@ -573,7 +573,10 @@ def run(config: Config) -> int:
     # (logrotate, `systemctl reload`); trio restores this when the loop ends.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _limit_malloc_arenas()
-    _setup_logging(config, daemon=False)
+    try:
+        _setup_logging(config, daemon=False)
+    except OSError as e:
+        return report(ConfigError(f"log_file {config.log_file}: {e.strerror}"))
     try:
         st = _check_mountpoint(config.mountpoint)
         with _locked_cache_dir(config.cache_dir) as record_pid:

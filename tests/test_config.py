@@ -704,3 +704,46 @@ def test_the_documented_async_originals_policies_are_the_defaults_with_originals
     )
     assert policies == expected
     assert any(p.prefix == "local_content/" and p.upload_async for p in policies)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"read_part_size": "0"}, "read_part_size: must be at least 64K"),  # a plan that never ends
+        ({"read_part_size": "1"}, "read_part_size: must be at least 64K"),  # a plan as long as the object
+        ({"uid": 2**32}, "uid: must be at most"),  # every getattr failed (uid_t overflow)
+        ({"gid": 2**40}, "gid: must be at most"),
+        ({"max_pool_connections": 10**9}, "max_pool_connections: must be at most 10000"),  # urllib3 fills it
+        ({"threadpool_size": 10**7}, "threadpool_size: must be at most 10000"),
+        ({"cache_size": "9" * 400}, "cache_size: too large"),  # float overflow
+        ({"connect_timeout": "999999"}, "connect_timeout: must be at most a day"),
+        ({"read_timeout": "30d"}, "read_timeout: must be at most a day"),
+        ({"cache_dir": "/var/cache/s3cachefs\x00x"}, "cache_dir: must not contain a NUL character"),
+        ({"log_file": "/var/log/x\x00"}, "log_file: must not contain a NUL character"),
+    ],
+)
+def test_values_past_what_the_mount_can_use_are_refused_with_the_settings_name(
+    values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_config({**MINIMAL, **values})
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "s3cachefs.toml"
+    path.write_bytes(b'bucket = "media"\nprefix = "\xff"\n')
+    with pytest.raises(ConfigError, match=f"config file {path}: not UTF-8 text"):
+        load_config_file(path)
+
+
+@pytest.mark.parametrize("where", ["a directory", "in a missing directory"])
+def test_a_log_file_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path: Path, where: str) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log = tmp_path if where == "a directory" else tmp_path / "missing" / "s3cachefs.log"
+    r = run_cli(
+        "mount", "media", str(mountpoint), "--foreground", "--cache-dir", str(tmp_path / "cache"),
+        "--endpoint-url", "http://127.0.0.1:9", "--log-file", str(log),
+    )  # fmt: skip
+    assert r.returncode == EXIT_USAGE, r.stderr
+    assert r.stderr.startswith(f"s3cachefs: error: log_file {log}:") and "Traceback" not in r.stderr, r.stderr
