@@ -705,8 +705,8 @@ class Namespace:
         file, or a queued one), the row moves alone, and both names' DELETEs are queued (a PUT drops
         the DELETEs of its key queued before it).
 
-        A close() uploading the file ends first (it holds the key), and one that waited for the old name's key finds the new name
-        and starts again (Writes.upload)."""
+        A close() uploading the file ends first (it holds the key), and one that waited for the old
+        name's key finds the new name and starts again (Writes.upload)."""
         src_rel = self.index.relpath(src.ino)
         dst_rel = self.relpath_of(p_new, n_new)
         src_k, dst_k = self.cache.klass(src_rel), self.cache.klass(dst_rel)
