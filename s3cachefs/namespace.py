@@ -737,6 +737,11 @@ class Namespace:
                     self._move_file_row(cur, src_rel, p_new, n_new, dst_rel, dst_k, queue_deletes=(src_rel,))
                     return True
                 self.cache.renamed_while_written(src.ino, info)
+                if self.index.queued_upload(src.ino) is not None:
+                    # A version queued since (acknowledged by a close, newer than the copy): the row
+                    # keeps its size and MD5, and the queue sends it under the new name.
+                    self._move_file_row(cur, src_rel, p_new, n_new, dst_rel, dst_k, queue_deletes=(src_rel,))
+                    return True
                 self._move_file_row(
                     cur, src_rel, p_new, n_new, dst_rel, dst_k, info, mark, queue_deletes=(src_rel,)
                 )

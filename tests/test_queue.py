@@ -330,3 +330,55 @@ def test_kill_9_while_a_queued_thumbnail_is_closed_again_keeps_an_acknowledged_v
         outcomes.append("v1" if got == v1 else "v2" if got == v2 else "none" if got is None else "other")
     assert all(o in ("v1", "v2") for o in outcomes), f"{outcomes}\n{m.log_tail(30)}"
     assert "v1" in outcomes, f"no kill landed before v2 was recorded: {outcomes}"
+
+
+RENAMED = "local_thumbnails/ab/cd/efgh/64-64-image-png-crop"
+
+
+def test_a_queued_new_thumbnail_renamed_while_open_then_kill_9_is_in_s3_under_the_new_name(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    """Closed once through one descriptor (acknowledged: queued; S3 refuses its PUT for now), still
+    open through another, renamed, then the daemon is killed."""
+    m = through(make_mount, proxy)
+    data = os.urandom(40_000)
+    (m.path / THUMB).parent.mkdir(parents=True)
+    with proxy.fault("http_503", only="PUT /" + m.bucket + "/local_thumbnails/"):
+        fd1 = os.open(m.path / THUMB, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd2 = os.open(m.path / THUMB, os.O_WRONLY)
+        os.write(fd1, data)
+        os.close(fd1)
+        os.rename(m.path / THUMB, m.path / RENAMED)
+        m.kill()
+        with contextlib.suppress(OSError):
+            os.close(fd2)
+    m.start()
+    assert wait_until(lambda: queue_empty(m), 60), mount_status(m)
+    assert bucket_objects(s3, m.bucket) == {RENAMED: data}, m.log_tail(20)
+    assert (m.path / RENAMED).read_bytes() == data
+
+
+def test_a_thumbnail_queued_again_then_renamed_while_open_then_kill_9_keeps_the_queued_version(
+    make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
+) -> None:
+    """v1 in S3; v2 (another size) written and closed through one of two descriptors (queued; S3
+    refuses it), the other writes, the file is renamed, the daemon killed: v2 under the new name."""
+    m = through(make_mount, proxy)
+    v1, v2 = os.urandom(30_000), os.urandom(50_000)
+    write(m, THUMB, v1)
+    assert wait_until(lambda: bucket_objects(s3, m.bucket).get(THUMB) == v1 and queue_empty(m), 30)
+    # Only the old name's PUTs are refused: the rename copies v1 to the new name.
+    with proxy.fault("http_503", only=f"PUT /{m.bucket}/{THUMB}"):
+        fd1 = os.open(m.path / THUMB, os.O_WRONLY)
+        fd2 = os.open(m.path / THUMB, os.O_WRONLY)
+        os.write(fd1, v2)
+        os.close(fd1)
+        os.pwrite(fd2, v2[:10], 0)  # the same bytes: still v2, but written again
+        os.rename(m.path / THUMB, m.path / RENAMED)
+        m.kill()
+        with contextlib.suppress(OSError):
+            os.close(fd2)
+    m.start()
+    assert wait_until(lambda: queue_empty(m), 60), mount_status(m)
+    assert bucket_objects(s3, m.bucket) == {RENAMED: v2}, m.log_tail(20)
+    assert (m.path / RENAMED).read_bytes() == v2

@@ -262,7 +262,9 @@ class Cache:
                 w.prev = (moved.size, moved.etag)
                 w.settle_at_release = w.settle_at_release or w.dirty
                 return
-            w.prev, w.was_cached, w.was_queued = None, False, False
+            # A version still queued stays queued (states.unsent): the writer may go back to it.
+            w.prev, w.was_cached = None, False
+            w.was_queued = w.was_queued and self.index.queued_upload(ino) is not None
             self.writes.mark_dirty(w)
             w.settle_at_release = True
         states.unsent(self.store, ino)

@@ -203,12 +203,16 @@ def writing(store: Store, ino: int) -> None:
 def unsent(store: Store, ino: int) -> None:
     """WRITING (or a row with a writer) -> WRITING with no S3 version: renamed while open for
     writing; the object under the old name is being deleted, so nothing in S3 backs the row until
-    its next close uploads it under the new name."""
+    its next close uploads it under the new name. A queued version (a close acknowledged it) stays
+    queued, to be sent under the new name (after a crash, orphaned() requeues it), with no older S3
+    version to go back to."""
     writing(store, ino)
     node = store.index.get(ino)
     if node is not None:
         store.index.set_object(ino, State.WRITING, node.size, None, node.mtime_ns, store.index.listing_gen)
-    store.index.unqueue_upload(ino)
+    entry = store.index.queued_upload(ino)
+    if entry is not None:
+        store.index.queue_upload(ino, None, entry[0])
 
 
 def requeued(store: Store, write: Write, ino: int, size: int) -> None:
