@@ -335,6 +335,14 @@ def test_kill_9_while_a_queued_thumbnail_is_closed_again_keeps_an_acknowledged_v
 RENAMED = "local_thumbnails/ab/cd/efgh/64-64-image-png-crop"
 
 
+def rename_and_kill(m: Mount, held: int) -> None:
+    """Rename THUMB to RENAMED while `held` (a descriptor open for writing) is open, then kill -9."""
+    os.rename(m.path / THUMB, m.path / RENAMED)
+    m.kill()
+    with contextlib.suppress(OSError):
+        os.close(held)
+
+
 def test_a_queued_new_thumbnail_renamed_while_open_then_kill_9_is_in_s3_under_the_new_name(
     make_mount: MakeMount, proxy: FaultProxy, s3: S3Client
 ) -> None:
@@ -348,10 +356,7 @@ def test_a_queued_new_thumbnail_renamed_while_open_then_kill_9_is_in_s3_under_th
         fd2 = os.open(m.path / THUMB, os.O_WRONLY)
         os.write(fd1, data)
         os.close(fd1)
-        os.rename(m.path / THUMB, m.path / RENAMED)
-        m.kill()
-        with contextlib.suppress(OSError):
-            os.close(fd2)
+        rename_and_kill(m, fd2)
     m.start()
     assert wait_until(lambda: queue_empty(m), 60), mount_status(m)
     assert bucket_objects(s3, m.bucket) == {RENAMED: data}, m.log_tail(20)
@@ -374,10 +379,7 @@ def test_a_thumbnail_queued_again_then_renamed_while_open_then_kill_9_keeps_the_
         os.write(fd1, v2)
         os.close(fd1)
         os.pwrite(fd2, v2[:10], 0)  # the same bytes: still v2, but written again
-        os.rename(m.path / THUMB, m.path / RENAMED)
-        m.kill()
-        with contextlib.suppress(OSError):
-            os.close(fd2)
+        rename_and_kill(m, fd2)
     m.start()
     assert wait_until(lambda: queue_empty(m), 60), mount_status(m)
     assert bucket_objects(s3, m.bucket) == {RENAMED: v2}, m.log_tail(20)
