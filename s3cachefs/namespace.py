@@ -731,7 +731,7 @@ class Namespace:
                         lambda: self.index.queue_delete(dst_rel, time.time()), durable=True
                     )
                     return True
-                if cur.state != State.WRITING:
+                if cur.state == State.QUEUED:
                     # An async close committed (queued) the file meanwhile: the queue sends it under
                     # the new name; the row keeps what that commit recorded.
                     self._move_file_row(cur, src_rel, p_new, n_new, dst_rel, dst_k, queue_deletes=(src_rel,))

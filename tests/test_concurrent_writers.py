@@ -287,3 +287,30 @@ def test_rename_that_waits_for_the_key_while_the_writer_closes_keeps_the_file(
     )
     assert objects["local_content/ab/cd/new"] == data
     assert (d / "new").read_bytes() == data
+
+
+def test_a_file_uploaded_then_renamed_while_still_open_takes_the_copys_etag(
+    make_mount: MakeMount, s3: S3Client, bucket: str
+) -> None:
+    # Over 8 MiB, boto3's managed copy is a multipart copy: the new name's ETag is not the PUT's.
+    # The row must take it, or every cold read's If-Match fails (412) until a refresh.
+    m = make_mount(bucket=bucket)
+    old, new = m.path / "local_content/ab/cd/old", m.path / "local_content/ab/cd/new"
+    old.parent.mkdir(parents=True)
+    data = os.urandom(10 * MiB + 5)
+    fd1 = os.open(old, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd2 = os.open(old, os.O_WRONLY)
+    os.write(fd1, data)
+    os.close(fd1)  # uploaded
+    os.rename(old, new)
+    os.close(fd2)
+    m.unmount()
+    for p in (m.cache_dir / "data").rglob("*"):
+        if p.is_file():
+            p.unlink()  # cold: the next read is a GET with the row's ETag
+    m.start()
+    assert new.read_bytes() == data
+    assert "download of" not in m.log_text() and "replaced behind our back" not in m.log_text(), m.log_tail(
+        10
+    )
+    assert bucket_objects(s3, bucket) == {"local_content/ab/cd/new": data}
