@@ -225,7 +225,7 @@ class Namespace:
                 if split_key_path(o.key[len(dir_prefix) :]) is None or b"/" in name:
                     continue
                 rel = o.key[len(self.prefix) :]
-                if self.cache.klass(rel).local_only:
+                if self.cache.local_only(rel):
                     continue
                 gone = self._deleted(rel) or self.cache.deleted_since(rel, asked)
                 if self.index.lookup(ino, name) is None and not gone:
@@ -494,7 +494,7 @@ class Namespace:
         if not o.key.startswith(self.prefix):
             return
         rel = o.key[len(self.prefix) :]
-        if self.cache.klass(rel).local_only:
+        if self.cache.local_only(rel):
             # A local-only path's files live in the cache alone (as in lookup): an object under it
             # would replace what was written through the mount, and bring back what was unlinked.
             return

@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
+from s3cachefs.cache.policy import Policies
 from s3cachefs.cli import EXIT_USAGE, config_from_args, main
 from s3cachefs.config import (
     DEFAULT_POLICIES,
     Config,
     ConfigError,
+    PathPolicy,
     S3Options,
     build_config,
     default_cache_dir,
@@ -747,3 +749,20 @@ def test_a_log_file_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path: Path,
     )  # fmt: skip
     assert r.returncode == EXIT_USAGE, r.stderr
     assert r.stderr.startswith(f"s3cachefs: error: log_file {log}:") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_listings_local_only_shortcut_agrees_with_the_policy_of_every_path() -> None:
+    policies = Policies(
+        (
+            *DEFAULT_POLICIES,
+            PathPolicy("url_cache/keep/", local_only=False),  # a more specific policy wins
+            PathPolicy("scratch/", local_only=True),
+        ),
+        None,
+    )
+    paths = [
+        "url_cache/ab/f", "url_cache/keep/f", "url_cache_thumbnails/x", "url_cachex", "scratch/a",
+        "scratchy", "local_content/ab/cd/x", "local_thumbnails/ab/cd/x/1-1", "remote_content/s/ab/cd/x", "",
+    ]  # fmt: skip
+    assert [policies.local_only(p) for p in paths] == [policies.klass(p).local_only for p in paths]
+    assert policies.local_only("url_cache/ab/f") and not policies.local_only("url_cache/keep/f")

@@ -239,6 +239,9 @@ class Cache:
     def klass(self, relpath: str) -> Klass:
         return self.policies.klass(relpath)
 
+    def local_only(self, relpath: str) -> bool:
+        return self.policies.local_only(relpath)
+
     def index_writable(self) -> None:
         self.space.index_writable()
 

@@ -28,6 +28,13 @@ class Policies:
     def __init__(self, policies: tuple[PathPolicy, ...], default_max_age: float | None):
         self.policies = policies
         self.default_max_age = default_max_age
+        # A path whose policy is local-only starts with one of these (policy_for matches prefixes).
+        self._local_prefixes = tuple(p.prefix for p in policies if p.local_only)
+
+    def local_only(self, relpath: str) -> bool:
+        """klass(relpath).local_only, for the listing's every object: 0.1 us instead of 3 us for the
+        paths under no local-only prefix (a million objects: 3 s less on the event loop)."""
+        return relpath.startswith(self._local_prefixes) and self.klass(relpath).local_only
 
     def klass(self, relpath: str) -> Klass:
         p = policy_for(self.policies, relpath)
