@@ -731,15 +731,11 @@ class Namespace:
                         lambda: self.index.queue_delete(dst_rel, time.time()), durable=True
                     )
                     return True
-                if cur.state == State.QUEUED:
-                    # An async close committed (queued) the file meanwhile: the queue sends it under
-                    # the new name; the row keeps what that commit recorded.
-                    self._move_file_row(cur, src_rel, p_new, n_new, dst_rel, dst_k, queue_deletes=(src_rel,))
-                    return True
                 self.cache.renamed_while_written(src.ino, info)
                 if self.index.queued_upload(src.ino) is not None:
-                    # A version queued since (acknowledged by a close, newer than the copy): the row
-                    # keeps its size and MD5, and the queue sends it under the new name.
+                    # A version queued since the write began (acknowledged by a close, newer than the
+                    # copy; perhaps by an async close during the copy): the row keeps its size and
+                    # MD5, and the queue sends it under the new name.
                     self._move_file_row(cur, src_rel, p_new, n_new, dst_rel, dst_k, queue_deletes=(src_rel,))
                     return True
                 self._move_file_row(

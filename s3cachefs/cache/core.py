@@ -25,7 +25,7 @@ from .policy import Klass, Policies
 from .queue import KeyLocks, Queue
 from .space import Space, fs_bytes
 from .states import Change
-from .store import Download, Limits, Store, Writer
+from .store import Download, Limits, Store, Writer, unlink_or_leave
 from .write import Writes
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,7 @@ class Cache:
         Data files of evicted rows that a crash left behind are removed by the reaper (run_reaper).
         """
         for p in self.store.tmp_dir.iterdir():
-            try:
-                p.unlink(missing_ok=True)
-            except OSError as e:  # a directory someone made there: not ours to remove, nor to stop on
-                log.warning("cannot remove %s from the cache directory (left there): %s", p, e)
+            unlink_or_leave(str(p))
         fingerprint = self.policies.fingerprint()
         if self.index.get_meta("policy") != fingerprint:
             started = time.monotonic()
@@ -98,8 +95,8 @@ class Cache:
         never committed), it goes back to data/, before orphaned() queues it again; otherwise it is
         dropped."""
         for p in self.store.keep_dir.iterdir():
+            ino = int(p.name) if p.name.isdigit() else None
             try:
-                ino = int(p.name) if p.name.isdigit() else None
                 if (
                     ino is not None
                     and p.is_file()
@@ -112,10 +109,11 @@ class Cache:
                         self.index.relpath(ino),
                     )
                     self.store.restore_kept(ino)
-                else:
-                    p.unlink()
-            except OSError as e:  # a directory someone made there: not ours to remove, nor to stop on
-                log.warning("cannot remove %s from the cache directory (left there): %s", p, e)
+                    continue
+            except OSError as e:  # unreadable, or data/XX in the way: not ours to stop on
+                log.warning("cannot put %s back into data/ (left there): %s", p, e)
+                continue
+            unlink_or_leave(str(p))
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The cache's background work, started with nursery.start: the index's checkpoints, the

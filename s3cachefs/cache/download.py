@@ -79,19 +79,18 @@ class Downloads:
         if node.state not in IN_CACHE:
             return None
         try:
-            fd = open_data_file(self.store.data_path(node.ino))
+            fd, size = open_data_file(self.store.data_path(node.ino))
         except FileNotFoundError:
             states.demoted(self.store, node.ino)
             return None
-        except OSError as e:  # a symlink put there (ELOOP), or anything else that is not our file
-            why = f"cannot be opened ({e})"
+        except OSError as e:  # a FIFO, directory or symlink put there: not our file
+            why = f"cannot be used ({e})"
         else:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size == node.size:
+            if size == node.size:
                 self.store.stats["hits"] += 1
                 return fd
             os.close(fd)
-            why = "has the wrong length" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+            why = "has the wrong length"
         log.warning("cached copy of %s %s; fetching it again", self.index.relpath(node.ino), why)
         states.demoted(self.store, node.ino)
         self.store.clear_data(node.ino)
@@ -354,11 +353,17 @@ class Downloads:
             self.close(d)
 
 
-def open_data_file(path: str) -> int:
-    """Open a data file for reading without ever blocking the event loop or following a link: a FIFO
-    someone put in the cache directory would block a plain open until a writer came (O_NONBLOCK),
-    and a symlink would lead out of it (O_NOFOLLOW: ELOOP). The caller checks it is a regular file."""
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+def open_data_file(path: str) -> tuple[int, int]:
+    """(fd, size) of a data file opened for reading, without ever blocking the event loop or
+    following a link: a FIFO someone put in the cache directory would block a plain open until a
+    writer came (O_NONBLOCK), and a symlink would lead out of it (O_NOFOLLOW: ELOOP). Anything but a
+    regular file is an OSError, as a missing one is."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    return fd, st.st_size
 
 
 async def _nothing(ino: int) -> None:

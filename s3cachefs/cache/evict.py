@@ -19,7 +19,7 @@ import trio
 from ..index import IN_CACHE, State
 from . import states
 from .space import fs_bytes
-from .store import Limits, Store, unlink_quiet
+from .store import Limits, Store, unlink_or_leave
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,4 @@ def _unlink_all(paths: list[str]) -> None:
     What cannot be unlinked (a directory someone put in the cache directory, where a data file was or
     in trash/) is left there with a warning: the reaper's failure must not end the mount."""
     for path in paths:
-        try:
-            unlink_quiet(path)
-        except OSError as e:
-            log.warning("cannot remove %s from the cache directory (left there): %s", path, e)
+        unlink_or_leave(path)

@@ -22,10 +22,8 @@ upload at close() like the others (Writes.upload).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import AsyncIterator
 
@@ -212,10 +210,7 @@ class Queue:
             try:
                 # The queued version is this inode of data/<ino>: a later version of the file is a
                 # new file renamed over the name, so reading through the fd sends exactly one version.
-                fd = open_data_file(self.store.data_path(ino))
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.close(fd)
-                    raise OSError(errno.EINVAL, "not a regular file")
+                fd, _ = open_data_file(self.store.data_path(ino))
             except OSError as e:
                 # Lost before it was sent (a wiped cache directory), or replaced by something else.
                 if not isinstance(e, FileNotFoundError):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import time
@@ -38,6 +39,8 @@ from ..config import PathPolicy
 from ..index import Index, Node
 from ..metrics import Metrics
 from ..s3 import MultipartUpload
+
+log = logging.getLogger(__name__)
 
 # Flush access times to the index when this many are pending (and at every eviction pass and every
 # housekeeping tick): one transaction for many reads instead of one disk write per open.
@@ -309,14 +312,10 @@ class Store:
     def restore_kept(self, ino: int) -> None:
         """Put the version kept in keep/ back in data/ (durably): the newer one never got committed."""
         try:
-            self.place(self.keep_path(ino), ino)
+            path = self.place(self.keep_path(ino), ino)
         except FileNotFoundError:
             return  # nothing was kept (no older version was in data/)
-        fd = os.open(os.path.dirname(self.data_path(ino)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(os.path.dirname(path))
 
     def tmp(self, kind: str, ino: int) -> str:
         return f"{self.tmp_dir}/{kind}-{ino}-{secrets.token_hex(4)}"
@@ -381,3 +380,20 @@ class Store:
 def unlink_quiet(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def unlink_or_leave(path: str) -> None:
+    """unlink_quiet for files only we put in the cache directory: what cannot be unlinked (a
+    directory someone made there) is left, with a warning; not ours to remove, nor to stop on."""
+    try:
+        unlink_quiet(path)
+    except OSError as e:
+        log.warning("cannot remove %s from the cache directory (left there): %s", path, e)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -36,7 +36,7 @@ from .evict import Evictor
 from .policy import Policies
 from .queue import Queue
 from .space import Space
-from .store import Pipeline, Store, Writer, unlink_quiet
+from .store import Pipeline, Store, Writer, fsync_dir, unlink_quiet
 
 log = logging.getLogger(__name__)
 
@@ -549,20 +549,12 @@ def _copy_place_durably(
             # No older version in data/ (lost, or wiped): nothing to keep.
             with contextlib.suppress(FileNotFoundError):
                 os.link(data, keep)
-            _fsync_dir(os.path.dirname(keep))
+            fsync_dir(os.path.dirname(keep))
         path = place(tmp)
     finally:
         unlink_quiet(tmp)  # gone already once placed
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return md5, size, path
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_and_hash(fd: int) -> str:

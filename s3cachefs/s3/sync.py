@@ -84,35 +84,34 @@ def multipart_etag(part_md5s: Iterable[bytes]) -> str:
 
 def multipart_etag_of_file(path: str, part_size: int) -> str:
     """The ETag S3 gives a multipart upload of this file in parts of `part_size`."""
-    digests = []
-    with open(path, "rb") as f:
-        while True:
-            part = hashlib.md5()
-            left = part_size
-            while left and (chunk := f.read(min(_READ_CHUNK, left))):
-                part.update(chunk)
-                left -= len(chunk)
-            if left == part_size:
-                break
-            digests.append(part.digest())
-    return multipart_etag(digests)
+    size = os.stat(path).st_size
+    lengths = (min(part_size, size - off) for off in range(0, size, part_size))
+    return multipart_etag(_part_digests(path, lengths))
 
 
 def md5_and_part_digests(path: str, size: int, part_size: int) -> tuple[str, list[bytes]]:
     """The whole file's MD5 (hex) and the MD5 digest of each of its parts as parts_of lays them out,
     in one pass."""
     whole = hashlib.md5()
+    digests = _part_digests(path, (length for _, _, length in parts_of(size, part_size)), whole)
+    return whole.hexdigest(), digests
+
+
+def _part_digests(path: str, lengths: Iterable[int], whole: hashlib._Hash | None = None) -> list[bytes]:
+    """The MD5 digest of each part of the file, parts of these lengths in order (and `whole`
+    updated with every byte read, if given)."""
     digests = []
     with open(path, "rb") as f:
-        for _, _, length in parts_of(size, part_size):
+        for length in lengths:
             part = hashlib.md5()
             left = length
             while left and (chunk := f.read(min(_READ_CHUNK, left))):
-                whole.update(chunk)
+                if whole is not None:
+                    whole.update(chunk)
                 part.update(chunk)
                 left -= len(chunk)
             digests.append(part.digest())
-    return whole.hexdigest(), digests
+    return digests
 
 
 def parts_of(size: int, part_size: int) -> Iterator[tuple[int, int, int]]:
