@@ -4,6 +4,8 @@
 - own_s3server  a private server for a test that kills, pauses or restarts it
 - bucket        a fresh bucket on the session server
 - s3            a boto3 client for the session server
+- proxy         a FaultProxy (tests/faultproxy.py) in front of the session server, passing everything
+                until the test says otherwise
 - make_mount    factory: make_mount(bucket=..., extra_args=..., cache_dir=..., server=...) -> started Mount
 - mounted       make_mount() with the defaults, on `bucket`
 
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from .faultproxy import FaultProxy
 from .harness import HarnessError, MakeMount, Mount, S3Server, check_fuse_available, fuse_mounts, tail
 
 if TYPE_CHECKING:
@@ -104,6 +107,12 @@ def s3(s3server: S3Server) -> S3Client:
 @pytest.fixture
 def bucket(s3server: S3Server) -> str:
     return s3server.new_bucket()
+
+
+@pytest.fixture
+def proxy(s3server: S3Server) -> Iterator[FaultProxy]:
+    with FaultProxy(s3server.s3_port, seed=1) as p:
+        yield p
 
 
 @pytest.fixture

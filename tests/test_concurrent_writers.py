@@ -154,10 +154,17 @@ def run_in_thread(
     return t
 
 
-def close_while_s3_hangs_and(server: S3Server, path: Path, data: bytes, other: Callable[[], object]) -> None:
-    """Write `data` to `path` and close it while S3 hangs (the close's PUT waits), and meanwhile run
-    `other` in another thread (it may wait for the file's key); both succeed once S3 is back."""
-    f = open(path, "wb")  # noqa: SIM115 (closed by another thread)
+def close_while_s3_hangs_and(
+    make_mount: MakeMount, server: S3Server, name: str, other: Callable[[Path], object]
+) -> tuple[Mount, Path, bytes]:
+    """On a new mount, write 3 MiB to local_content/ab/cd/<name> and close it while S3 hangs (the
+    close's PUT waits), and meanwhile run `other(that directory)` in another thread (it may wait for
+    the file's key); both succeed once S3 is back. Returns the mount, the directory and the bytes."""
+    m = make_mount(server=server)
+    d = m.path / "local_content/ab/cd"
+    d.mkdir(parents=True)
+    data = os.urandom(3 * MiB)
+    f = open(d / name, "wb")  # noqa: SIM115 (closed by another thread)
     f.write(data)
     f.flush()
     results: dict[str, BaseException | None] = {}
@@ -165,13 +172,14 @@ def close_while_s3_hangs_and(server: S3Server, path: Path, data: bytes, other: C
     try:
         closer = run_in_thread(results, "close", f.close)
         assert not wait_until(lambda: not closer.is_alive(), 1.0), "close() must wait for the hung S3"
-        other_thread = run_in_thread(results, "other", other)
+        other_thread = run_in_thread(results, "other", lambda: other(d))
         time.sleep(1.0)
     finally:
         server.resume()
     closer.join(120)
     other_thread.join(120)
     assert results == {"close": None, "other": None}, results
+    return m, d, data
 
 
 def test_rename_during_the_close_of_a_written_file_keeps_it_under_the_new_name(
@@ -180,11 +188,9 @@ def test_rename_during_the_close_of_a_written_file_keeps_it_under_the_new_name(
     # Whatever the order of the close's PUT and the rename (which waits for the key), the file must
     # end under the new name with its bytes (as on a local disk): in the mount, in S3, after a
     # remount.
-    m = make_mount(server=own_s3server)
-    d = m.path / "local_content/ab/cd"
-    d.mkdir(parents=True)
-    data = os.urandom(3 * MiB)
-    close_while_s3_hangs_and(own_s3server, d / "old", data, lambda: os.rename(d / "old", d / "new"))
+    m, d, data = close_while_s3_hangs_and(
+        make_mount, own_s3server, "old", lambda d: os.rename(d / "old", d / "new")
+    )
     client = own_s3server.client()
     # Bounded: the last release (after close() returned) may still be settling the file.
     assert wait_until(lambda: bucket_objects(client, m.bucket) == {"local_content/ab/cd/new": data}, 30), (
@@ -204,11 +210,7 @@ def test_truncate_path_during_the_close_of_a_written_file_is_kept(
 ) -> None:
     # As above, with truncate(path, 1000): it returned success after the close began, so the file
     # must end as its first 1000 bytes (mount, S3, remount), not be put back to the whole.
-    m = make_mount(server=own_s3server)
-    d = m.path / "local_content/ab/cd"
-    d.mkdir(parents=True)
-    data = os.urandom(3 * MiB)
-    close_while_s3_hangs_and(own_s3server, d / "f", data, lambda: os.truncate(d / "f", 1000))
+    m, d, data = close_while_s3_hangs_and(make_mount, own_s3server, "f", lambda d: os.truncate(d / "f", 1000))
     client = own_s3server.client()
     assert wait_until(
         lambda: bucket_objects(client, m.bucket).get("local_content/ab/cd/f") == data[:1000], 30

@@ -11,14 +11,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
-
 from .faultproxy import FaultProxy
-from .harness import MakeMount, Mount, S3Server, bucket_objects, mount_status, wait_until
+from .harness import MakeMount, Mount, bucket_objects, mount_status, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -27,12 +24,6 @@ THUMB = "local_thumbnails/ab/cd/efgh/32-32-image-png-crop"
 ORIGINAL = "local_content/ab/cd/efgh"
 # A failed PUT or DELETE fails fast (botocore retries a 503 a few times), so the uploader backs off.
 FAST = ["--max-attempts", "2", "--connect-timeout", "2", "--read-timeout", "3"]
-
-
-@pytest.fixture
-def proxy(s3server: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3server.s3_port, seed=1) as p:
-        yield p
 
 
 def through(make_mount: MakeMount, proxy: FaultProxy, *args: str) -> Mount:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from .faultproxy import FaultProxy
-from .harness import MakeMount, Mount, S3Server, wait_until
+from .harness import MakeMount, Mount, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -20,12 +19,6 @@ if TYPE_CHECKING:
 MiB = 1024 * 1024
 KEY = "remote_content/example.org/ab/cd/efgh"
 FAST = ["--max-attempts", "2", "--connect-timeout", "2", "--read-timeout", "10"]
-
-
-@pytest.fixture
-def proxy(s3server: S3Server) -> Iterator[FaultProxy]:
-    with FaultProxy(s3server.s3_port, seed=1) as p:
-        yield p
 
 
 def listed_mount(make_mount: MakeMount, proxy: FaultProxy, bucket: str) -> Mount:
